@@ -1,0 +1,1 @@
+"""The policy gate: rules, risk, thresholds, grants and versions."""

@@ -1,0 +1,265 @@
+"""The policy gate: ``settings.BATON_GATE = "approvals.policy.gate.PolicyGate"``.
+
+Every review decides again (the policy or the arguments may have changed while a run waited);
+an ask becomes an approval request, and an action executes only on allow, or on an ask whose
+approval was given for the same action hash."""
+
+import logging
+from dataclasses import replace
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from approvals.policy.decide import Decision, decide
+from approvals.policy.models import PolicyEvaluation
+from approvals.policy.similar import grant_label, similar_use
+from approvals.queue.models import OPEN, ApprovalRequest, RequestKind, RequestStatus
+from approvals.queue.services import queue_changed, requests_close_for_run
+from orchestration.canonical import args_diff
+from orchestration.gate import Action, Answer, Pending, Question, Verdict
+from orchestration.ledger.chain import ledger_append
+from orchestration.runs.models import Run
+
+log = logging.getLogger(__name__)
+
+
+def _verdict(outcome: str, decision: Decision, **extra) -> Verdict:
+    return Verdict(
+        outcome,
+        action_hash=decision.action_hash,
+        reason=extra.pop("reason", decision.reason),
+        score=decision.score,
+        factors=decision.factors,
+        rules=decision.rules,
+        shadow_rules=decision.shadow_rules,
+        policy_version=decision.policy_version,
+        obligations=decision.obligations,
+        **extra,
+    )
+
+
+def _record(decision: Decision, action: Action, run: Run) -> None:
+    """The evaluation with its full input, and its ledger record, in one transaction."""
+    with transaction.atomic():
+        PolicyEvaluation.objects.create(
+            run_id=run.pk,
+            step_seq=action.step_seq,
+            tool=action.tool,
+            agent=run.agent.name if run.agent else "",
+            workflow=run.workflow,
+            action_hash=decision.action_hash,
+            policy_version=decision.policy_version,
+            outcome=decision.outcome,
+            score=decision.score,
+            rules=decision.rules,
+            shadow_rules=decision.shadow_rules,
+            errors=decision.errors,
+            input=decision.input,
+        )
+        ledger_append(
+            f"policy.{decision.outcome}",
+            actor="policy-gate",
+            run_id=run.pk,
+            agent_id=run.agent_id,
+            object_type="step",
+            object_id=action.step_seq,
+            payload={
+                "tool": action.tool,
+                "action_hash": decision.action_hash,
+                "score": decision.score,
+                "factors": decision.factors,
+                "rules": decision.rules,
+                "shadow_rules": decision.shadow_rules,
+                "policy_version": decision.policy_version,
+                "reason": decision.reason,
+            },
+        )
+        if decision.errors:
+            _note_rule_errors(decision.errors)
+
+
+def _note_rule_errors(errors: list[dict]) -> None:
+    from approvals.policy.models import Rule
+
+    for error in errors:
+        Rule.objects.filter(pk=error["rule_id"]).update(
+            last_error=error["error"][:2000], last_error_at=timezone.now()
+        )
+
+
+class PolicyGate:
+    def review(self, action: Action, *, run_id: int, step_seq: int) -> Verdict:
+        run = Run.objects.select_related("agent").get(pk=run_id)
+        request = (
+            ApprovalRequest.objects.filter(run_id=run_id, step_seq=step_seq, kind="action")
+            .exclude(status=RequestStatus.SUPERSEDED)
+            .order_by("-id")
+            .first()
+        )
+        if request is not None and request.status == RequestStatus.HALTED:
+            return Verdict("halted", reason=request.reason or "halted by a reviewer")
+        if request is not None and request.status == RequestStatus.REJECTED:
+            return Verdict(
+                "rejected",
+                action_hash=request.action_hash,
+                reason=request.reason or "rejected by a reviewer",
+            )
+        if request is not None and request.status == RequestStatus.EXPIRED:
+            return Verdict(
+                "deny", action_hash=request.action_hash, reason="expired without a decision"
+            )
+        # An approval with edits is an approval of the edited action: decide on that one.
+        edited = request is not None and request.approved_args is not None
+        if edited:
+            action = replace(action, args=request.approved_args)
+        decision = decide(action, run)
+        _record(decision, action, run)
+        if decision.outcome == "deny":
+            return _verdict("deny", decision)
+        if decision.outcome == "allow":
+            if edited:
+                return _verdict("approved", decision, args=decision.args, diff=_diff(request))
+            return _verdict("allow", decision)
+        if (
+            request is not None
+            and request.approved_hash == decision.action_hash
+            and (request.status in (RequestStatus.APPROVED, RequestStatus.EDITED))
+        ):
+            return _verdict(
+                "approved",
+                decision,
+                args=decision.args,
+                diff=_diff(request),
+                reason=f"approved by {request.decided_by}",
+            )
+        if request is not None and request.status in OPEN:
+            if request.action_hash == decision.action_hash:
+                return _verdict("pending", decision)
+            request_supersede(request)  # the action changed while it waited
+        # A reviewer approved a similar action and allowed similar ones: a counted use.
+        grant = similar_use(decision, run, step_seq=action.step_seq)
+        if grant is not None:
+            return _verdict("approved", decision, args=decision.args, reason=grant_label(grant))
+        request = request_open(action=action, run=run, decision=decision)
+        return _verdict("pending", decision, reason=f"waiting for {request.team or 'a reviewer'}")
+
+    def ask_human(self, question: Question, *, run_id: int, step_seq: int) -> Answer | Pending:
+        request = (
+            ApprovalRequest.objects.filter(
+                run_id=run_id, step_seq=step_seq, kind=RequestKind.QUESTION
+            )
+            .order_by("-id")
+            .first()
+        )
+        if request is None:
+            run = Run.objects.select_related("agent").get(pk=run_id)
+            with transaction.atomic():
+                request = ApprovalRequest.objects.create(
+                    kind=RequestKind.QUESTION,
+                    run_id=run_id,
+                    step_seq=step_seq,
+                    agent=run.agent.name if run.agent else "",
+                    question=question.text,
+                    choices=list(question.choices),
+                    deadline=timezone.now() + timedelta(hours=24),
+                )
+                queue_changed(request.pk)
+                ledger_append(
+                    "question.asked",
+                    actor="policy-gate",
+                    run_id=run_id,
+                    approval_id=request.pk,
+                    payload={"question": question.text, "choices": list(question.choices)},
+                )
+            return Pending("waiting for an answer")
+        if request.status == RequestStatus.APPROVED and request.answer:
+            return Answer(choice=request.answer, by=request.decided_by)
+        return Pending("waiting for an answer")
+
+    def cancel_run(self, run_id: int, *, by: str, reason: str) -> None:
+        """Inside the halt's transaction: every open request of the run closes."""
+        requests_close_for_run(run_id, by=by, reason=reason)
+
+
+def _diff(request: ApprovalRequest) -> dict | None:
+    if request.approved_args is None:
+        return None
+    return args_diff(request.args, request.approved_args)
+
+
+def request_open(*, action: Action, run: Run, decision: Decision) -> ApprovalRequest:
+    """Open an approval request for an ask (at most one open per step: the constraint)."""
+    obligations = decision.obligations or {}
+    try:
+        with transaction.atomic():
+            request = ApprovalRequest.objects.create(
+                run_id=run.pk,
+                step_seq=action.step_seq,
+                agent=run.agent.name if run.agent else "",
+                tool=action.tool,
+                args=decision.args,
+                action_hash=decision.action_hash,
+                reasoning=action.reasoning,
+                confidence=action.confidence,
+                verdict={
+                    "outcome": "ask",
+                    "reason": decision.reason,
+                    "score": decision.score,
+                    "factors": decision.factors,
+                    "rules": decision.rules,
+                    "shadow_rules": decision.shadow_rules,
+                    "policy_version": decision.policy_version,
+                },
+                obligations=obligations,
+                team=obligations.get("team", ""),
+                quorum=obligations.get("quorum", 1),
+                deadline=timezone.now()
+                + timedelta(minutes=obligations.get("deadline_minutes", 60)),
+                risk_score=decision.score,
+            )
+            queue_changed(request.pk)
+            if request.risk_score >= settings.BATON_NOTIFY_RISK:
+                transaction.on_commit(lambda: _notify(request.pk))
+            ledger_append(
+                "approval.created",
+                actor="policy-gate",
+                run_id=run.pk,
+                agent_id=run.agent_id,
+                approval_id=request.pk,
+                payload={
+                    "tool": action.tool,
+                    "action_hash": decision.action_hash,
+                    "obligations": obligations,
+                },
+            )
+    except IntegrityError:  # another worker opened it first
+        request = ApprovalRequest.objects.get(
+            run_id=run.pk, step_seq=action.step_seq, status__in=OPEN
+        )
+    return request
+
+
+def _notify(request_id: int) -> None:
+    from approvals.tasks import notify_request
+
+    try:
+        notify_request.delay(request_id)
+    except Exception as exc:  # the request is committed; a lost notification is not an error
+        log.warning("could not enqueue the notification of request %s: %s", request_id, exc)
+
+
+def request_supersede(request: ApprovalRequest) -> None:
+    with transaction.atomic():
+        ApprovalRequest.objects.filter(pk=request.pk, status__in=OPEN).update(
+            status=RequestStatus.SUPERSEDED, decided_at=timezone.now()
+        )
+        queue_changed(request.pk)
+        ledger_append(
+            "approval.superseded",
+            actor="policy-gate",
+            run_id=request.run_id,
+            approval_id=request.pk,
+            payload={"action_hash": request.action_hash},
+        )

@@ -1,0 +1,120 @@
+"""Reviewers' "approve and allow similar": a grant (``source="reviewer"``) scoped to a run or an
+hour, constrained to the approved arguments, with a use count. A grant alone never turns an ask
+into an allow (grants are least privilege); the gate consults these grants only for an ask, and
+each use is counted and recorded."""
+
+import json
+import re
+from fnmatch import fnmatchcase
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from approvals.policy.cel import EvaluationError, compile_condition, evaluate
+from approvals.policy.decide import Decision, _cel_context
+from approvals.policy.models import Grant
+from orchestration.ledger.chain import ledger_append
+from orchestration.runs.models import Run
+
+REVIEWER = "reviewer"
+# Free text is not a constraint: a similar action says something else.
+FREE_TEXT = {"body", "reason", "subject", "message", "note", "comment", "text", "description"}
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CEL_RESERVED = {
+    "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for",
+    "function", "if", "import", "let", "loop", "package", "namespace", "return", "var",
+    "void", "while",
+}  # fmt: skip
+
+
+def _field(name: str) -> str:
+    if IDENTIFIER.match(name) and name not in CEL_RESERVED:
+        return f"args.{name}"
+    return f"args[{json.dumps(name, ensure_ascii=False)}]"
+
+
+def similar_condition(args: dict[str, Any]) -> str:
+    """A CEL constraint from approved arguments: each top-level scalar argument except free text;
+    strings and booleans must be equal, numbers at most the approved value."""
+    clauses = []
+    for name in sorted(args):
+        value = args[name]
+        if name in FREE_TEXT or value is None:
+            continue
+        if isinstance(value, bool):
+            clauses.append(f"{_field(name)} == {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            clauses.append(f"{_field(name)} <= {float(value)!r}")
+        elif isinstance(value, str):
+            clauses.append(f"{_field(name)} == {json.dumps(value, ensure_ascii=False)}")
+    return " && ".join(clauses)
+
+
+def _active(run: Run):
+    now = timezone.now()
+    return (
+        Grant.objects.filter(agent=run.agent, source=REVIEWER, revoked_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        .filter(Q(run_id__isnull=True) | Q(run_id=run.pk))
+        .order_by("id")
+    )
+
+
+def similar_grant(decision: Decision, run: Run) -> Grant | None:
+    """The first active reviewer grant of the run's agent that covers the decided action."""
+    if run.agent is None:
+        return None
+    tool = decision.input["action"]["tool"]
+    ctx = None
+    for grant in _active(run):
+        if not fnmatchcase(tool, grant.tool_pattern):
+            continue
+        if grant.max_uses is not None and grant.uses >= grant.max_uses:
+            continue
+        if grant.condition:
+            ctx = ctx or _cel_context(decision.input)
+            try:
+                if not evaluate(compile_condition(grant.condition), ctx):
+                    continue
+            except (EvaluationError, ValueError):
+                continue  # a grant that cannot be checked grants nothing
+        return grant
+    return None
+
+
+def similar_use(decision: Decision, run: Run, *, step_seq: int) -> Grant | None:
+    """Use a covering reviewer grant: count the use and record it, in one transaction. None if
+    no grant covers the action (or its last use was taken meanwhile)."""
+    grant = similar_grant(decision, run)
+    if grant is None:
+        return None
+    with transaction.atomic():
+        used = Grant.objects.filter(pk=grant.pk, revoked_at__isnull=True)
+        if grant.max_uses is not None:
+            used = used.filter(uses__lt=grant.max_uses)
+        if not used.update(uses=F("uses") + 1):
+            return None
+        grant.refresh_from_db()
+        ledger_append(
+            "grant.used",
+            actor="policy-gate",
+            run_id=run.pk,
+            agent_id=run.agent_id,
+            object_type="grant",
+            object_id=grant.pk,
+            payload={
+                "tool": decision.input["action"]["tool"],
+                "action_hash": decision.action_hash,
+                "step_seq": step_seq,
+                "uses": grant.uses,
+                "max_uses": grant.max_uses,
+            },
+        )
+    return grant
+
+
+def grant_label(grant: Grant) -> str:
+    who = grant.created_by.get_username() if grant.created_by else "a reviewer"
+    return f"allowed similar by {who} (grant #{grant.pk})"

@@ -1,0 +1,710 @@
+"""``ctx``: the authoring API. Every call is a recorded step with a sequence number; on replay a
+recorded step returns its recorded result, and the first unrecorded call executes for real."""
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import jsonschema
+from django.utils import timezone
+
+from orchestration.canonical import canonical_json, sha256_hex
+from orchestration.engine.errors import (
+    REPLAYABLE,
+    ActionDenied,
+    ActionRejected,
+    BudgetExceeded,
+    CheckFailed,
+    Halted,
+    InvalidArguments,
+    NonDeterminismError,
+    SliceEnded,
+    StepFailed,
+    Suspend,
+)
+from orchestration.engine.retry import RETRY_POLICIES, is_retryable
+from orchestration.engine.steps import Outbox, step_finish, step_start
+from orchestration.engine.timeouts import call_with_timeout
+from orchestration.gate import Action, Answer, Question, get_gate
+from orchestration.registry.declare import get_tool
+from orchestration.runs.models import Run, Step, StepKind, StepStatus
+
+DONE = {StepStatus.COMPLETED, StepStatus.FAILED}
+
+
+class Context:
+    def __init__(self, run: Run, steps: dict[int, Step], *, lease: str, slice_seconds: float):
+        self.run = run
+        self._steps = steps
+        self._lease = lease
+        self._seq = 0
+        self._slice_ends = time.monotonic() + slice_seconds
+        self._gate = get_gate()
+        self.outbox = Outbox(run.pk)
+        self._calls: Counter[str] = Counter()  # loop detection: tool + canonical arguments
+        self.labels: set[str] = set()
+        self._tokens = sum(s.tokens for s in steps.values())
+        self._cost = float(sum(s.cost_usd for s in steps.values()))
+        self._counted = sum(
+            1 for s in steps.values() if s.status in DONE and s.kind != StepKind.BUDGET
+        )
+
+    # --- step machinery -------------------------------------------------------------------
+
+    def _next(self, kind: str, name: str) -> tuple[int, Step | None]:
+        self._seq += 1
+        step = self._steps.get(self._seq)
+        while step is not None and step.kind == StepKind.BUDGET:
+            self._settle_budget(step)  # an extension recorded before this call
+            self._seq += 1
+            step = self._steps.get(self._seq)
+        if step is None:
+            self._before_new_call(self._seq)
+            exhausted = self._exhausted_budget()
+            if exhausted:
+                self._settle_budget(self._ask_to_extend(*exhausted))
+                self._seq += 1
+        elif step.kind != kind or step.name != name:
+            raise NonDeterminismError(
+                f"step {self._seq}: the workflow now calls {kind} {name!r} where the run "
+                f"recorded {step.kind} {step.name!r}"
+            )
+        return self._seq, step
+
+    def _replay(self, step: Step) -> Any:
+        self.labels.update(step.labels or [])
+        if step.status == StepStatus.COMPLETED:
+            return step.output
+        error_class = REPLAYABLE.get(step.error_type)
+        if error_class is None or error_class is StepFailed:
+            raise StepFailed(step.error, error_type=step.error_type)
+        raise error_class(step.error)
+
+    @property
+    def position(self) -> int:
+        return self._seq
+
+    @property
+    def replaying(self) -> bool:
+        return self._seq < max(self._steps, default=0)
+
+    def _before_new_call(self, seq: int) -> None:
+        """Checked before a call executes: the time slice."""
+        if time.monotonic() > self._slice_ends:
+            raise SliceEnded()
+
+    def _exhausted_budget(self) -> tuple[str, float, float] | None:
+        """Budgets are checked before each new call: the first one used up, if any."""
+        budgets = self.run.budgets or {}
+        started = self.run.started_at or timezone.now()
+        spent = {
+            "max_steps": self._counted,
+            "max_tokens": self._tokens,
+            "max_cost_usd": self._cost,
+            "max_wall_seconds": (timezone.now() - started).total_seconds(),
+        }
+        for budget, used in spent.items():
+            limit = budgets.get(budget)
+            if limit is not None and used >= limit:
+                return budget, limit, used
+        return None
+
+    def _ask_to_extend(self, budget: str, limit: float, used: float) -> Step:
+        name = budget.removeprefix("max_")
+        if not (self.run.budgets or {}).get("ask_to_extend"):
+            raise BudgetExceeded(f"{name} budget of {limit} exhausted")
+        step = self._start(
+            self._seq,
+            StepKind.BUDGET,
+            f"extend {name} budget",
+            {"budget": budget, "limit": limit, "used": round(used, 6)},
+            None,
+            status=StepStatus.WAITING,
+            message=f"The {name} budget of {limit} is exhausted; asked a reviewer to extend it.",
+        )
+        return step
+
+    def _settle_budget(self, step: Step) -> None:
+        """Apply a budget extension step: extended, declined, or still waiting for an answer."""
+        budget, limit = step.input["budget"], step.input["limit"]
+        name = budget.removeprefix("max_")
+        if step.status == StepStatus.WAITING:
+            answer = self._gate.ask_human(
+                Question(
+                    text=f"Run {self.run.pk} used its {name} budget of {limit}. Extend it to "
+                    f"{limit * 2}?",
+                    choices=("Extend", "Stop"),
+                    context={"budget": budget, "limit": limit, "used": step.input["used"]},
+                ),
+                run_id=self.run.pk,
+                step_seq=step.seq,
+            )
+            if not isinstance(answer, Answer):
+                raise Suspend(f"waiting for a reviewer to extend the {name} budget")
+            extended = answer.choice == "Extend"
+            budgets = {**(self.run.budgets or {}), budget: limit * 2} if extended else None
+            if budgets:
+                Run.objects.filter(pk=self.run.pk).update(budgets=budgets)
+                self.run.budgets = budgets
+            step_finish(
+                step,
+                outbox=self.outbox,
+                defer=True,
+                status=StepStatus.COMPLETED,
+                output={"extended": extended, "by": answer.by},
+                message=f"{answer.by} {'extended' if extended else 'declined to extend'} the "
+                f"{name} budget.",
+                event_kind="budget.extended" if extended else "budget.declined",
+            )
+        if not step.output.get("extended"):
+            raise BudgetExceeded(f"{name} budget of {limit} exhausted; extension declined")
+        self.run.budgets = {
+            **(self.run.budgets or {}),
+            budget: max((self.run.budgets or {}).get(budget, 0), limit * 2),
+        }
+
+    def _start(
+        self,
+        seq: int,
+        kind: str,
+        name: str,
+        input: dict,
+        step: Step | None,
+        *,
+        message: str = "",
+        events: list[tuple[str, str, dict]] | None = None,
+        **kw,
+    ) -> Step:
+        if step is None:
+            attempt = 1
+        elif step.status == StepStatus.WAITING:
+            attempt = step.attempt  # resuming the same attempt
+        else:
+            attempt = step.attempt + 1
+        events = list(events or [])
+        if message:
+            events.insert(0, (f"{kind}.started", message, {}))
+        started = step_start(
+            outbox=self.outbox,
+            lease=self._lease,
+            seq=seq,
+            kind=kind,
+            name=name,
+            input=input,
+            attempt=attempt,
+            existing=step,
+            events=events,
+            **kw,
+        )
+        self._steps[seq] = started
+        return started
+
+    def _account(self, tokens: int, cost: float) -> None:
+        self._tokens += tokens
+        self._cost += cost
+        self._counted += 1
+
+    def _execute(
+        self,
+        step: Step,
+        call: Callable[[], Any],
+        *,
+        timeout: float,
+    ) -> Any:
+        """Run ``call`` once for this attempt; record the result, a retry, or a final failure."""
+        policy = RETRY_POLICIES[step.kind]
+        started = time.monotonic()
+        try:
+            result = call_with_timeout(call, timeout, what=step.name)
+        except Exception as exc:
+            error = exc
+        else:
+            return result, int((time.monotonic() - started) * 1000)
+        latency = int((time.monotonic() - started) * 1000)
+        message = f"{type(error).__name__}: {error}"
+        if is_retryable(error) and step.attempt < policy.attempts:
+            retry_at = timezone.now() + timedelta(seconds=policy.backoff(step.attempt))
+            step_finish(
+                step,
+                outbox=self.outbox,
+                status=StepStatus.RETRYING,
+                error=message,
+                error_type=type(error).__name__,
+                latency_ms=latency,
+                next_attempt_at=retry_at,
+                message=f"Attempt {step.attempt} failed ({message}); retrying.",
+                event_kind=f"{step.kind}.retrying",
+            )
+            raise Suspend(f"retrying {step.name}", wake_at=retry_at)
+        step_finish(
+            step,
+            outbox=self.outbox,
+            status=StepStatus.FAILED,
+            error=message,
+            error_type="StepFailed",
+            latency_ms=latency,
+            message=f"{step.name} failed after {step.attempt} attempt(s): {message}",
+        )
+        self._account(0, 0)
+        raise StepFailed(message, error_type=type(error).__name__)
+
+    def _wait_for_retry(self, step: Step | None) -> None:
+        due = step.next_attempt_at if step is not None else None
+        if step is not None and step.status == StepStatus.RETRYING and due and due > timezone.now():
+            raise Suspend(f"retrying {step.name}", wake_at=due)
+
+    # --- the authoring API ------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        seq, step = self._next(StepKind.NOW, "now")
+        if step is not None and step.status in DONE:
+            return datetime.fromisoformat(self._replay(step))
+        value = timezone.now()
+        started = self._start(seq, StepKind.NOW, "now", {}, step)
+        step_finish(
+            started,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output=value.isoformat(),
+        )
+        self._account(0, 0)
+        return value
+
+    def uuid(self) -> str:
+        seq, step = self._next(StepKind.UUID, "uuid")
+        if step is not None and step.status in DONE:
+            return self._replay(step)
+        value = str(uuid.uuid4())
+        started = self._start(seq, StepKind.UUID, "uuid", {}, step)
+        step_finish(
+            started, outbox=self.outbox, defer=True, status=StepStatus.COMPLETED, output=value
+        )
+        self._account(0, 0)
+        return value
+
+    def sleep(self, seconds: float) -> None:
+        """A durable sleep: the run frees its worker and beat wakes it when the time comes."""
+        seq, step = self._next(StepKind.SLEEP, f"sleep {seconds:g}s")
+        if step is not None and step.status in DONE:
+            self._replay(step)
+            return
+        if step is None:
+            self._before_new_call(seq)
+            wake_at = timezone.now() + timedelta(seconds=seconds)
+            step = self._start(
+                seq,
+                StepKind.SLEEP,
+                f"sleep {seconds:g}s",
+                {"seconds": seconds, "wake_at": wake_at.isoformat()},
+                None,
+                status=StepStatus.WAITING,
+                message=f"Sleeping {seconds:g}s until {wake_at:%H:%M:%S} UTC.",
+            )
+        wake_at = datetime.fromisoformat(step.input["wake_at"])
+        if timezone.now() < wake_at:
+            raise Suspend(f"sleeping until {wake_at.isoformat()}", wake_at=wake_at)
+        step_finish(
+            step,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output={"woke_at": timezone.now().isoformat()},
+        )
+        self._account(0, 0)
+
+    def check(self, name: str, passed: bool, *, detail: str = "", continue_on_fail: bool = False):
+        """A recorded validation; a failed check raises ``CheckFailed`` unless told to continue."""
+        seq, step = self._next(StepKind.CHECK, name)
+        if step is not None and step.status in DONE:
+            return self._replay(step)["passed"]
+        self._before_new_call(seq)
+        started = self._start(seq, StepKind.CHECK, name, {"detail": detail}, step)
+        verdict = "passed" if passed else "failed"
+        output = {"passed": bool(passed), "detail": detail}
+        if passed or continue_on_fail:
+            step_finish(
+                started,
+                outbox=self.outbox,
+                defer=True,
+                status=StepStatus.COMPLETED,
+                output=output,
+                message=f"Check {name!r} {verdict}. {detail}".strip(),
+                event_kind=f"check.{verdict}",
+            )
+            self._account(0, 0)
+            return bool(passed)
+        step_finish(
+            started,
+            outbox=self.outbox,
+            status=StepStatus.FAILED,
+            output=output,
+            error=f"check {name!r} failed: {detail}".strip(": "),
+            error_type="CheckFailed",
+            message=f"Check {name!r} failed. {detail}".strip(),
+            event_kind="check.failed",
+        )
+        self._account(0, 0)
+        raise CheckFailed(f"check {name!r} failed: {detail}".strip(": "))
+
+    def retrieve(self, query: str, *, k: int = 3, source: str | None = None) -> list[dict]:
+        """Search the document store. Snippets are recorded as the step's context and labelled
+        ``untrusted_input``: they are text from outside that may carry instructions."""
+        from orchestration.retrieval.search import retrieve
+
+        name = f"retrieve {source or 'all'}"
+        seq, step = self._next(StepKind.RETRIEVE, name)
+        if step is not None and step.status in DONE:
+            return self._replay(step)
+        self._wait_for_retry(step)
+        self._before_new_call(seq)
+        started = self._start(
+            seq, StepKind.RETRIEVE, name, {"query": query, "k": k, "source": source}, step
+        )
+        snippets, latency = self._execute(
+            started,
+            lambda: [snippet.to_record() for snippet in retrieve(query, k=k, source=source)],
+            timeout=RETRY_POLICIES[StepKind.RETRIEVE].timeout,
+        )
+        labels = ["untrusted_input"]
+        titles = ", ".join(s["title"] for s in snippets) or "nothing"
+        step_finish(
+            started,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output=snippets,
+            labels=labels,
+            latency_ms=latency,
+            message=f"Retrieved {len(snippets)} snippet(s) for {query!r}: {titles}.",
+        )
+        self._account(0, 0)
+        self.labels.update(labels)
+        return snippets
+
+    def llm(
+        self,
+        messages: list[dict],
+        *,
+        tools: list | None = None,
+        output_schema: dict | None = None,
+        name: str = "model call",
+        provider: str | None = None,
+        model: str | None = None,
+    ) -> Any:
+        """Call the run's model. Returns the parsed output when ``output_schema`` is given,
+        else ``{"text": ..., "tool_calls": [...]}``."""
+        from orchestration.providers import get_provider
+
+        agent = self.run.agent
+        provider_name = provider or (agent.provider if agent else "scripted")
+        model_name = model or (agent.model if agent else "scripted-1")
+        seq, step = self._next(StepKind.LLM, name)
+        if step is not None and step.status in DONE:
+            return _llm_result(self._replay(step), output_schema)
+        self._wait_for_retry(step)
+        self._before_new_call(seq)
+        tool_specs = [_spec(t) for t in tools or []]
+        started = self._start(
+            seq,
+            StepKind.LLM,
+            name,
+            {
+                "provider": provider_name,
+                "model": model_name,
+                "messages": messages,
+                "tools": [t.name for t in tool_specs],
+                "output_schema": output_schema,
+            },
+            step,
+        )
+        timeout = RETRY_POLICIES[StepKind.LLM].timeout
+        completion, _ = self._execute(
+            started,
+            lambda: get_provider(provider_name).complete(
+                model=model_name,
+                messages=messages,
+                tools=tool_specs or None,
+                output_schema=output_schema,
+                timeout=timeout,
+            ),
+            timeout=timeout + 5,
+        )
+        record = completion.to_record()
+        tokens = completion.input_tokens + completion.output_tokens
+        summary = completion.text.strip() or ", ".join(
+            f"calls {call.name}" for call in completion.tool_calls
+        )
+        step_finish(
+            started,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output=record,
+            tokens=tokens,
+            cost_usd=completion.cost_usd,
+            latency_ms=completion.latency_ms,
+            message=summary[:2000],
+            event_kind="llm.completed",
+            event_data={"model": completion.model, "tokens": tokens},
+        )
+        self._account(tokens, completion.cost_usd)
+        return _llm_result(record, output_schema)
+
+    def tool(self, name: str, /, _reasoning: str = "", _confidence: float | None = None, **args):
+        """Call a tool through the gate. Raises ``ActionDenied`` or ``ActionRejected`` (with the
+        reason) into the workflow, which may catch them and try another way."""
+        seq, step = self._next(StepKind.TOOL, name)
+        self._count_call(name, args, replayed=step is not None and step.status in DONE)
+        if step is not None and step.status in DONE:
+            return self._replay(step)
+        self._wait_for_retry(step)
+        self._before_new_call(seq)
+        definition = get_tool(name)
+        action = Action(
+            tool=name,
+            args=args,
+            run_id=self.run.pk,
+            step_seq=seq,
+            agent=self.run.agent.name if self.run.agent else None,
+            reasoning=_reasoning,
+            confidence=_confidence,
+            labels=tuple(sorted(self.labels)),
+        )
+        # Validate and review before the step is marked started, so that the start, the
+        # reasoning and the verdict are written together.
+        problem = self._invalid(definition, args)
+        verdict = None if problem else self._gate.review(action, run_id=self.run.pk, step_seq=seq)
+        record = verdict.to_record() if verdict else None
+        events = []
+        if verdict is not None:
+            events.append(
+                (f"verdict.{verdict.outcome}", _verdict_message(name, verdict), {"verdict": record})
+            )
+        started = self._start(
+            seq,
+            StepKind.TOOL,
+            name,
+            {"args": args, "reasoning": _reasoning, "confidence": _confidence},
+            step,
+            message=_reasoning and f"Reasoning: {_reasoning}",
+            events=events,
+            verdict=record,
+        )
+        if problem:
+            self._refuse(started, InvalidArguments(problem))
+        if verdict.outcome == "deny":
+            self._refuse(started, ActionDenied(verdict.reason or "denied by policy"), record)
+        if verdict.outcome == "rejected":
+            self._refuse(started, ActionRejected(verdict.reason or "rejected"), record)
+        if verdict.outcome == "halted":
+            raise Halted(verdict.reason)
+        if verdict.outcome == "pending":
+            step_finish(started, outbox=self.outbox, status=StepStatus.WAITING, verdict=record)
+            raise Suspend(f"waiting for a decision on {name}")
+        execute_args = verdict.args if verdict.outcome == "approved" and verdict.args else args
+        output, latency = self._execute(
+            started,
+            lambda: definition.fn(**execute_args, idempotency_key=started.idempotency_key),
+            timeout=definition.timeout,
+        )
+        labels = sorted(set(definition.labels_produced))
+        step_finish(
+            started,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output=output,
+            cost_usd=float(definition.cost_per_call),
+            latency_ms=latency,
+            labels=labels,
+            verdict=record,
+            message=f"{name} returned {canonical_json(output)[:500]}",
+            event_kind="tool.completed",
+        )
+        self._account(0, float(definition.cost_per_call))
+        self.labels.update(labels)
+        return output
+
+    def ask_human(self, question: str, *, choices: list[str] | tuple[str, ...] = ()) -> str:
+        """Ask reviewers through the gate; the run waits durably for the answer (a choice)."""
+        seq, step = self._next(StepKind.ASK_HUMAN, "ask human")
+        if step is not None and step.status in DONE:
+            return self._replay(step)["choice"]
+        if step is None:
+            self._before_new_call(seq)
+        started = self._start(
+            seq,
+            StepKind.ASK_HUMAN,
+            "ask human",
+            {"question": question, "choices": list(choices)},
+            step,
+            status=StepStatus.WAITING,
+            message="" if step else f"Asked a human: {question}",
+        )
+        answer = self._gate.ask_human(
+            Question(text=question, choices=tuple(choices)), run_id=self.run.pk, step_seq=seq
+        )
+        if not isinstance(answer, Answer):
+            raise Suspend("waiting for an answer")
+        step_finish(
+            started,
+            outbox=self.outbox,
+            defer=True,
+            status=StepStatus.COMPLETED,
+            output={"choice": answer.choice, "by": answer.by, "comment": answer.comment},
+            message=f"{answer.by} answered: {answer.choice}",
+            event_kind="ask_human.answered",
+        )
+        self._account(0, 0)
+        return answer.choice
+
+    def handoff(self, agent, *, goal: str, context: dict | None = None) -> Any:
+        """Hand a goal to another agent in a child run; its usable tools are the intersection
+        of this run's and the callee's. This run waits durably for the child's result."""
+        from orchestration.runs.services import run_start_child
+
+        callee = _agent(agent)
+        name = f"handoff to {callee.name}"
+        seq, step = self._next(StepKind.HANDOFF, name)
+        if step is not None and step.status in DONE:
+            return self._replay(step)
+        if step is None:
+            self._before_new_call(seq)
+            step = self._start(
+                seq,
+                StepKind.HANDOFF,
+                name,
+                {"goal": goal, "context": context or {}},
+                None,
+                status=StepStatus.WAITING,
+                message=f"Handed off to {callee.name}: {goal}",
+            )
+        child = run_start_child(
+            parent=self.run, step_seq=seq, agent=callee, goal=goal, context=context or {}
+        )
+        if not child.is_final:
+            raise Suspend(f"waiting for child run {child.pk}")
+        if child.status == "completed":
+            step_finish(
+                step,
+                outbox=self.outbox,
+                defer=True,
+                status=StepStatus.COMPLETED,
+                output=child.result,
+                message=f"{callee.name} finished (run {child.pk}).",
+                event_kind="handoff.completed",
+            )
+            self._account(0, 0)
+            return child.result
+        error = f"child run {child.pk} {child.status}: {child.error or child.halt_reason}"
+        step_finish(
+            step,
+            outbox=self.outbox,
+            status=StepStatus.FAILED,
+            error=error,
+            error_type="StepFailed",
+            message=error,
+            event_kind="handoff.failed",
+        )
+        self._account(0, 0)
+        raise StepFailed(error)
+
+    def agent(
+        self,
+        agent,
+        *,
+        goal: str,
+        tools: list[str] | None = None,
+        max_steps: int = 8,
+        context: dict | None = None,
+    ) -> str:
+        """A plan-act-observe loop on the agent's model: every model turn and every tool call
+        is its own step; a denied or rejected action is the agent's observation."""
+        from orchestration.engine.agent_loop import run_agent_loop
+
+        return run_agent_loop(
+            self, _agent(agent), goal=goal, tools=tools, max_steps=max_steps, context=context
+        )
+
+    def progress(self, fraction: float, label: str = "") -> None:
+        """Report progress (not a step); written only when the run moves forward."""
+        if self.replaying:
+            return
+        Run.objects.filter(pk=self.run.pk).update(
+            progress=max(0.0, min(1.0, fraction)), progress_label=label[:200]
+        )
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def usable_tools(self) -> set[str] | None:
+        """Tool names this run may use; None when unrestricted (no agent, no handoff)."""
+        if self.run.allowed_tools is not None:
+            return set(self.run.allowed_tools)
+        if self.run.agent is not None:
+            return set(self.run.agent.tools.values_list("name", flat=True))
+        return None
+
+    def _invalid(self, definition, args: dict) -> str:
+        usable = self.usable_tools()
+        if usable is not None and definition.name not in usable:
+            return f"tool {definition.name} is not available to this run"
+        error = jsonschema.exceptions.best_match(definition.validator.iter_errors(args))
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+            return f"{definition.name} {where}: {error.message}"
+        return ""
+
+    def _refuse(self, step: Step, error: Exception, verdict: dict | None = None):
+        step_finish(
+            step,
+            outbox=self.outbox,
+            status=StepStatus.FAILED,
+            error=str(error),
+            error_type=type(error).__name__,
+            verdict=verdict,
+            message=f"{step.name}: {error}",
+            event_kind=f"tool.{type(error).__name__}",
+        )
+        self._account(0, 0)
+        raise error
+
+    def _count_call(self, name: str, args: dict, *, replayed: bool) -> None:
+        key = name + ":" + sha256_hex(canonical_json(args))
+        self._calls[key] += 1
+        limit = (self.run.budgets or {}).get("loop_limit")
+        if not replayed and limit and self._calls[key] > limit:
+            raise BudgetExceeded(
+                f"loop detected: {name} called {limit} times with the same arguments"
+            )
+
+
+def _spec(tool_name_or_spec):
+    from orchestration.providers import ToolSpec
+
+    if isinstance(tool_name_or_spec, ToolSpec):
+        return tool_name_or_spec
+    definition = get_tool(tool_name_or_spec)
+    return ToolSpec(
+        name=definition.name, description=definition.description, parameters=definition.schema
+    )
+
+
+def _llm_result(record: dict, output_schema: dict | None) -> Any:
+    if output_schema is not None:
+        return record.get("parsed")
+    return {"text": record.get("text", ""), "tool_calls": record.get("tool_calls", [])}
+
+
+def _agent(agent):
+    from orchestration.registry.models import Agent
+
+    return agent if isinstance(agent, Agent) else Agent.objects.get(name=agent)
+
+
+def _verdict_message(tool: str, verdict) -> str:
+    reason = f": {verdict.reason}" if verdict.reason else ""
+    return f"Gate {verdict.outcome} {tool}{reason}"

@@ -1,0 +1,84 @@
+"""Errors raised into workflow code, and the control signals that unwind it.
+
+Control signals derive from ``BaseException`` so that an ``except Exception:`` in a workflow
+cannot swallow a suspend, a halt, an exhausted budget or a replay mismatch."""
+
+
+class ControlSignal(BaseException):
+    """Unwinds the workflow; the runner decides what happens to the run."""
+
+
+class Suspend(ControlSignal):
+    """The run waits (for a reviewer, a child run, a timer, a retry) and frees its worker."""
+
+    def __init__(self, reason: str, *, wake_at=None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.wake_at = wake_at  # a timer (sleep, retry backoff); None: woken by an event
+
+
+class SliceEnded(ControlSignal):
+    """The time slice is over; the run is re-enqueued and continues where it stopped."""
+
+
+class Halted(ControlSignal):
+    """The run was halted; no further step starts."""
+
+
+class LeaseLost(ControlSignal):
+    """Another worker holds the run now; this one stops without writing."""
+
+
+class BudgetExceeded(ControlSignal):
+    """A budget (steps, tokens, cost, wall time) or the loop limit is exhausted."""
+
+
+class NonDeterminismError(ControlSignal):
+    """Replay no longer matches the recorded steps: the workflow code changed under a run."""
+
+
+class WorkflowError(Exception):
+    """Base of the errors a workflow may catch and handle."""
+
+
+class ActionDenied(WorkflowError):
+    """The gate denied the action; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ActionRejected(WorkflowError):
+    """A reviewer rejected the action; ``reason`` is their feedback."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CheckFailed(WorkflowError):
+    pass
+
+
+class StepFailed(WorkflowError):
+    """A step failed for good (retries exhausted or a non-retryable error)."""
+
+    def __init__(self, message: str, *, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class InvalidArguments(WorkflowError):
+    """Tool arguments that do not match the tool's JSON Schema, or a tool outside the run."""
+
+
+class NonRetryable(Exception):
+    """Raise from a tool for an error that a retry cannot fix."""
+
+
+# Errors re-raised on replay from a recorded failed step, by name.
+REPLAYABLE = {
+    cls.__name__: cls
+    for cls in (ActionDenied, ActionRejected, CheckFailed, StepFailed, InvalidArguments)
+}

@@ -1,0 +1,199 @@
+"""Recording steps: marked started (attempt, lease) before the side effect, finished after,
+fenced by the attempt number. No transaction or lock is held across a model or tool call.
+
+A completed step's finish waits in the run's ``Outbox`` and commits with the next write of the
+run (the next step's start, a wait, the end of the run), so a step costs one transaction. A crash
+in between loses only the finish: the step is re-executed with the same idempotency key, which is
+the window every durable engine has between a side effect and its record."""
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from orchestration.engine.errors import Halted, LeaseLost
+from orchestration.runs.models import Event, Run, RunStatus, Step, StepStatus
+from orchestration.runs.realtime import broadcast_run
+
+
+def lease_expiry(now):
+    return now + timedelta(seconds=settings.BATON_LEASE_SECONDS)
+
+
+OPEN = [StepStatus.STARTED, StepStatus.WAITING]
+
+
+@dataclass
+class Outbox:
+    """Writes of one run that ride on its next transaction."""
+
+    run_id: int
+    finishes: list[tuple[Step, dict[str, Any]]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    tokens: int = 0
+    cost: Decimal = Decimal(0)
+    steps: int = 0
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "tokens": F("tokens") + self.tokens,
+            "cost_usd": F("cost_usd") + self.cost,
+            "steps": F("steps") + self.steps,
+        }
+
+    def apply(self, *, run_counters: bool = True) -> None:
+        """Write everything waiting, inside the caller's transaction; fenced by attempt."""
+        for step, fields in self.finishes:
+            updated = Step.objects.filter(pk=step.pk, attempt=step.attempt, status__in=OPEN)
+            if not updated.update(**fields):
+                raise LeaseLost(f"step {step.seq} of run {step.run_id} was taken over")
+        if self.events:
+            Event.objects.bulk_create(self.events)
+        if run_counters and (self.tokens or self.cost or self.steps):
+            Run.objects.filter(pk=self.run_id).update(**self.counters())
+        self.clear()
+
+    def clear(self) -> None:
+        self.finishes, self.events = [], []
+        self.tokens, self.cost, self.steps = 0, Decimal(0), 0
+
+    def flush(self) -> None:
+        if self.finishes or self.events or self.steps:
+            with transaction.atomic():
+                self.apply()
+                transaction.on_commit(lambda: broadcast_run(self.run_id))
+
+
+def _extend_lease(outbox: Outbox, lease: str, now) -> None:
+    """Extend our lease and add the outbox's counters in one update, which also locks the run
+    row until this transaction commits: a halt waits for a step start in flight, and no step
+    starts once a halt has committed."""
+    extended = (
+        Run.objects.filter(pk=outbox.run_id, lease_owner=lease)
+        .exclude(status=RunStatus.HALTED)
+        .update(lease_expires_at=lease_expiry(now), **outbox.counters())
+    )
+    if not extended:
+        run = Run.objects.filter(pk=outbox.run_id).values("status", "halt_reason").first()
+        if run and run["status"] == RunStatus.HALTED:
+            raise Halted(run["halt_reason"])
+        raise LeaseLost(f"run {outbox.run_id} is leased to another worker")
+
+
+def step_start(
+    *,
+    outbox: Outbox,
+    lease: str,
+    seq: int,
+    kind: str,
+    name: str,
+    input: dict,
+    attempt: int,
+    existing: Step | None = None,
+    status: str = StepStatus.STARTED,
+    verdict: dict | None = None,
+    events: list[tuple[str, str, dict]] = (),
+) -> Step:
+    """Record that a step (or a new attempt of it) begins, with its events and whatever the
+    outbox holds, in one transaction that first extends the run's lease."""
+    run_id = outbox.run_id
+    now = timezone.now()
+    fields = {
+        "kind": kind,
+        "name": name,
+        "input": input,
+        "status": status,
+        "attempt": attempt,
+        "lease": lease,
+        "idempotency_key": f"run-{run_id}-step-{seq}",
+        "started_at": now,
+        "next_attempt_at": None,
+        "verdict": verdict,
+    }
+    try:
+        with transaction.atomic():
+            _extend_lease(outbox, lease, now)
+            outbox.events += [
+                Event(run_id=run_id, step_seq=seq, kind=k, message=m, data=d) for k, m, d in events
+            ]
+            outbox.apply(run_counters=False)  # counters went with the lease
+            if existing is None:
+                step = Step.objects.create(run_id=run_id, seq=seq, **fields)
+            else:
+                Step.objects.filter(pk=existing.pk).update(**fields)
+                step = existing
+                for name_, value in fields.items():
+                    setattr(step, name_, value)
+            transaction.on_commit(lambda: broadcast_run(run_id))
+    except Halted:
+        outbox.events = [e for e in outbox.events if e.step_seq != seq]
+        outbox.flush()  # what finished before the halt is still recorded
+        raise
+    return step
+
+
+def step_finish(
+    step: Step,
+    *,
+    outbox: Outbox,
+    status: str,
+    output: Any = None,
+    error: str = "",
+    error_type: str = "",
+    tokens: int = 0,
+    cost_usd: Decimal | float = 0,
+    latency_ms: int = 0,
+    labels: list[str] | None = None,
+    verdict: dict | None = None,
+    next_attempt_at: datetime | None = None,
+    message: str = "",
+    event_kind: str = "",
+    event_data: dict | None = None,
+    defer: bool = False,
+) -> None:
+    """Finish the attempt that ``step`` started: now, or (``defer``) with the run's next write.
+    Raises ``LeaseLost`` if another worker started a newer attempt meanwhile (the fence), so a
+    stale worker never overwrites it."""
+    cost = Decimal(str(cost_usd))
+    fields: dict[str, Any] = {
+        "status": status,
+        "output": output,
+        "error": error,
+        "error_type": error_type,
+        "tokens": F("tokens") + tokens,
+        "cost_usd": F("cost_usd") + cost,
+        "latency_ms": latency_ms,
+        "finished_at": timezone.now(),
+        "next_attempt_at": next_attempt_at,
+    }
+    if labels is not None:
+        fields["labels"] = labels
+    if verdict is not None:
+        fields["verdict"] = verdict
+    outbox.finishes.append((step, fields))
+    outbox.tokens += tokens
+    outbox.cost += cost
+    # Work done counts towards the step budget; extending a budget is not work.
+    if status in {StepStatus.COMPLETED, StepStatus.FAILED} and step.kind != "budget":
+        outbox.steps += 1
+    if message:
+        outbox.events.append(
+            Event(
+                run_id=step.run_id,
+                step_seq=step.seq,
+                kind=event_kind or f"{step.kind}.{status}",
+                message=message,
+                data=event_data or {},
+            )
+        )
+    if not defer:
+        outbox.flush()
+    step.status = status
+    step.output = output
+    step.error = error
+    step.error_type = error_type

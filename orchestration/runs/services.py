@@ -1,0 +1,242 @@
+"""Starting, halting, retrying and resuming runs. Each write is one transaction with its ledger
+record; the worker is told after commit."""
+
+import logging
+from typing import Any
+
+import jsonschema
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from orchestration.canonical import CanonicalError, canonical_json
+from orchestration.gate import get_gate
+from orchestration.ledger.chain import ledger_append
+from orchestration.registry.declare import get_workflow
+from orchestration.registry.models import Agent, AgentStatus
+from orchestration.runs.models import FINAL, Event, Run, RunStatus, Step, StepStatus
+from orchestration.runs.realtime import broadcast_run
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGETS = {
+    "max_steps": 200,
+    "max_tokens": 500_000,
+    "max_cost_usd": 10.0,
+    "max_wall_seconds": 24 * 3600,
+    "loop_limit": 3,
+}
+
+
+class RunError(ValidationError):
+    """A run that cannot be started or changed; the message says why."""
+
+
+def enqueue_on_commit(run_id: int) -> None:
+    """After commit, tell a worker. A message that cannot be published is not an error: the
+    run is committed, and beat's reaper enqueues pending runs whose message was lost."""
+    from orchestration.tasks import advance_run
+
+    def send() -> None:
+        try:
+            advance_run.delay(run_id)
+        except Exception as exc:
+            log.warning("could not enqueue run %s (%s); the reaper will start it", run_id, exc)
+
+    transaction.on_commit(send)
+
+
+def _input_errors(schema: dict, data: Any) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [
+        f"{'/'.join(str(p) for p in error.absolute_path) or 'input'}: {error.message}"
+        for error in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    ]
+
+
+def run_start(
+    *,
+    workflow: str,
+    input: dict[str, Any],
+    agent: Agent | str | None = None,
+    intent: dict[str, Any] | None = None,
+    started_by=None,
+    version: int | None = None,
+) -> Run:
+    """Validate the input against the workflow's schema and start a run, pinned to a version."""
+    definition = get_workflow(workflow, version)
+    errors = _input_errors(definition.input_schema, input)
+    if errors:
+        raise RunError(errors)
+    try:
+        canonical_json(input, path="input")
+    except CanonicalError as exc:
+        raise RunError(str(exc)) from exc
+    if isinstance(agent, str):
+        agent = Agent.objects.filter(name=agent).first() or _missing_agent(agent)
+    if agent is not None and agent.status != AgentStatus.ACTIVE:
+        raise RunError(f"Agent {agent.name} is {agent.status}; it cannot start runs.")
+    intent = {"goal": "", "constraints": [], "boundaries": [], **(intent or {})}
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow=definition.name,
+            workflow_version=definition.version,
+            agent=agent,
+            input=input,
+            intent=intent,
+            budgets=agent.budgets() if agent else dict(DEFAULT_BUDGETS),
+            started_by=started_by if getattr(started_by, "is_authenticated", False) else None,
+        )
+        Event.objects.create(
+            run=run,
+            kind="run.created",
+            message=f"Run of {definition.name} v{definition.version} created"
+            + (f" for {agent.name}" if agent else "")
+            + (f": {intent['goal']}" if intent.get("goal") else "."),
+        )
+        ledger_append(
+            "run.created",
+            actor=started_by or "system",
+            run_id=run.pk,
+            agent_id=agent.pk if agent else None,
+            payload={"workflow": definition.name, "version": definition.version, "input": input},
+        )
+        enqueue_on_commit(run.pk)
+        transaction.on_commit(lambda: broadcast_run(run.pk))
+    return run
+
+
+def _missing_agent(name: str):
+    raise RunError(f"No agent named {name!r}.")
+
+
+def run_start_child(*, parent: Run, step_seq: int, agent: Agent, goal: str, context: dict) -> Run:
+    """The child run of a handoff, created once per (parent, step). Its usable tools are the
+    intersection of the parent's and the callee's."""
+    existing = Run.objects.filter(parent=parent, parent_step_seq=step_seq).first()
+    if existing is not None:
+        return existing
+    callee_tools = set(agent.tools.values_list("name", flat=True))
+    if parent.allowed_tools is not None:
+        caller_tools = set(parent.allowed_tools)
+    elif parent.agent is not None:
+        caller_tools = set(parent.agent.tools.values_list("name", flat=True))
+    else:
+        caller_tools = callee_tools
+    with transaction.atomic():
+        child = Run.objects.create(
+            workflow="_agent.task",
+            workflow_version=1,
+            agent=agent,
+            input={"goal": goal, "context": context},
+            intent={**parent.intent, "goal": goal},
+            budgets=agent.budgets(),
+            allowed_tools=sorted(caller_tools & callee_tools),
+            parent=parent,
+            parent_step_seq=step_seq,
+            started_by=parent.started_by,
+        )
+        Event.objects.create(
+            run=child, kind="run.created", message=f"Handed off from run {parent.pk}: {goal}"
+        )
+        ledger_append(
+            "run.created",
+            actor="engine",
+            run_id=child.pk,
+            agent_id=agent.pk,
+            payload={"workflow": "_agent.task", "parent": parent.pk},
+        )
+        enqueue_on_commit(child.pk)
+    return child
+
+
+def run_halt(*, run: Run | int, by, reason: str) -> Run:
+    """Halt a run: once this commits no step starts; open waits are cancelled through the gate,
+    and so are the run's children."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise RunError("A reason is required to halt a run.")
+    run_id = run if isinstance(run, int) else run.pk
+    label = by.get_username() if hasattr(by, "get_username") else str(by)
+    with transaction.atomic():
+        locked = Run.objects.select_for_update().get(pk=run_id)
+        if locked.status in FINAL:
+            raise RunError(f"Run {run_id} is already {locked.status}.")
+        Run.objects.filter(pk=run_id).update(
+            status=RunStatus.HALTED,
+            halted_by=label,
+            halt_reason=reason,
+            finished_at=timezone.now(),
+            lease_owner="",
+            lease_expires_at=None,
+            wake_at=None,
+        )
+        Step.objects.filter(
+            run_id=run_id, status__in=[StepStatus.WAITING, StepStatus.RETRYING]
+        ).update(
+            status=StepStatus.FAILED, error=f"halted by {label}: {reason}", error_type="Halted"
+        )
+        Event.objects.create(
+            run_id=run_id, kind="run.halted", message=f"Halted by {label}: {reason}"
+        )
+        ledger_append(
+            "run.halted",
+            actor=by,
+            run_id=run_id,
+            agent_id=locked.agent_id,
+            payload={"reason": reason},
+        )
+        get_gate().cancel_run(run_id, by=label, reason=reason)
+        for child_id in (
+            Run.objects.filter(parent_id=run_id)
+            .exclude(status__in=FINAL)
+            .values_list("pk", flat=True)
+        ):
+            run_halt(run=child_id, by=by, reason=f"parent run {run_id} halted: {reason}")
+        transaction.on_commit(lambda: broadcast_run(run_id))
+    return Run.objects.get(pk=run_id)
+
+
+def run_retry(*, run: Run | int, by) -> Run:
+    """Retry a failed run from its failed step, keeping its history (steps and events)."""
+    run_id = run if isinstance(run, int) else run.pk
+    with transaction.atomic():
+        locked = Run.objects.select_for_update().get(pk=run_id)
+        if locked.status != RunStatus.FAILED:
+            raise RunError(f"Only failed runs can be retried; run {run_id} is {locked.status}.")
+        failed = (
+            Step.objects.filter(run_id=run_id, status=StepStatus.FAILED).order_by("-seq").first()
+        )
+        if failed is not None:
+            Step.objects.filter(pk=failed.pk).update(
+                status=StepStatus.RETRYING, next_attempt_at=timezone.now()
+            )
+        Run.objects.filter(pk=run_id).update(
+            status=RunStatus.PENDING, error="", finished_at=None, wake_at=None
+        )
+        where = f"from step {failed.seq} ({failed.name})" if failed else "from the start"
+        label = by.get_username() if hasattr(by, "get_username") else str(by)
+        Event.objects.create(
+            run_id=run_id, kind="run.retried", message=f"Retried {where} by {label}."
+        )
+        ledger_append(
+            "run.retried",
+            actor=by,
+            run_id=run_id,
+            agent_id=locked.agent_id,
+            payload={
+                "from_step": failed.seq if failed else None,
+                "previous_error": locked.error[:2000],
+            },
+        )
+        enqueue_on_commit(run_id)
+        transaction.on_commit(lambda: broadcast_run(run_id))
+    return Run.objects.get(pk=run_id)
+
+
+def run_resume(*, run_id: int, note: str = "") -> None:
+    """Something the run waits for has happened (a decision, an answer): advance it now."""
+    with transaction.atomic():
+        if note:
+            Event.objects.create(run_id=run_id, kind="run.resumed", message=note)
+        enqueue_on_commit(run_id)

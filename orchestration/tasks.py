@@ -1,0 +1,62 @@
+from datetime import timedelta
+
+from celery import shared_task
+from celery.signals import worker_ready
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from orchestration.broadcast import broadcast_system_status
+from orchestration.workers import heartbeat_record
+
+# A pending run nobody has touched for this long lost its enqueue message.
+LOST_ENQUEUE_SECONDS = 5
+SWEEP_AGAIN = timedelta(seconds=10)
+
+
+@shared_task(ignore_result=True)
+def advance_run(run_id: int) -> str:
+    """Advance one run for one time slice; does nothing if another worker holds it."""
+    from orchestration.engine.runner import run_advance
+
+    return run_advance(run_id)
+
+
+@shared_task(ignore_result=True)
+def sweep_runs() -> int:
+    """Beat's timer sweep: wake runs whose timer is due, and reap runs whose lease expired
+    (a SIGKILLed worker) or whose enqueue message was lost. Costs at most one slice. A run it
+    enqueued is not enqueued again for ``SWEEP_AGAIN_SECONDS``, so sweeps queued behind a
+    backlog do not multiply it."""
+    from orchestration.runs.models import Run, RunStatus
+
+    now = timezone.now()
+    lease_free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
+    not_just_swept = Q(swept_at__isnull=True) | Q(swept_at__lt=now - SWEEP_AGAIN)
+    due = (
+        Q(status=RunStatus.WAITING, wake_at__lte=now)
+        | Q(status=RunStatus.RUNNING, wake_at__isnull=True)
+        | Q(status=RunStatus.RUNNING, wake_at__lte=now)
+        | Q(status=RunStatus.PENDING, created_at__lt=now - timedelta(seconds=LOST_ENQUEUE_SECONDS))
+    )
+    candidates = Run.objects.filter(lease_free & due & not_just_swept)
+    run_ids = list(candidates.values_list("pk", flat=True)[:500])
+    Run.objects.filter(pk__in=run_ids).filter(not_just_swept).update(swept_at=now)
+    for run_id in run_ids:
+        advance_run.delay(run_id)
+    return len(run_ids)
+
+
+@shared_task(bind=True, ignore_result=True)
+def worker_heartbeat(self) -> None:
+    """Scheduled by beat: the worker that runs it is alive and consuming the queue."""
+    with transaction.atomic():
+        heartbeat_record(hostname=self.request.hostname or "worker")
+        transaction.on_commit(broadcast_system_status)
+
+
+@worker_ready.connect
+def _heartbeat_on_start(sender, **kwargs) -> None:
+    with transaction.atomic():
+        heartbeat_record(hostname=sender.hostname)
+        transaction.on_commit(broadcast_system_status)

@@ -1,0 +1,204 @@
+"""Approve and allow similar: a reviewer's grant scoped to the run or an hour, constrained to the
+approved arguments, counted, revocable, forbidden per tool, and only where the rule permits."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from approvals.policy.cel import compile_condition
+from approvals.policy.gate import PolicyGate
+from approvals.policy.models import Grant
+from approvals.policy.seed import policy_seed
+from approvals.policy.services import grant_revoke
+from approvals.policy.similar import similar_condition
+from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
+from approvals.queue.services import approval_decide
+from orchestration.demo.seed import demo_data_seed
+from orchestration.gate import Action
+from orchestration.ledger.chain import ledger_verify
+from orchestration.ledger.models import AuditRecord
+from orchestration.registry.models import Tool
+from orchestration.runs.services import run_start
+from tests.orchestration.engine.conftest import drive
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def policy_gate(settings):
+    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
+    demo_data_seed()
+    policy_seed()
+
+
+@pytest.fixture
+def reviewer():
+    user = get_user_model().objects.create_user("rae")
+    for name in ("finance", "operations"):
+        ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
+    return user
+
+
+def new_run(drive_it=True):
+    run = run_start(
+        workflow="customer_refund",
+        agent="refund-bot",
+        input={"order_id": "A-1004", "reason": "It arrived broken."},
+    )
+    return drive(run.pk) if drive_it else run
+
+
+def waiting_request() -> ApprovalRequest:
+    run = new_run()
+    request = ApprovalRequest.objects.get(run_id=run.pk, tool="payments.refund")
+    assert request.obligations["allow_similar"] is True
+    return request
+
+
+def review(run_id: int, seq: int, amount: float, order_id: str = "A-1004"):
+    args = {"order_id": order_id, "amount": amount, "reason": f"similar {seq}"}
+    action = Action(tool="payments.refund", args=args, run_id=run_id, step_seq=seq)
+    return PolicyGate().review(action, run_id=run_id, step_seq=seq)
+
+
+def test_the_constraint_is_built_from_scalar_arguments_with_cel_quoting():
+    condition = similar_condition(
+        {
+            "order_id": 'A-"1"\\x',
+            "amount": 1899,
+            "express": True,
+            "reason": "free text",
+            "body": "free text",
+            "items": ["a"],
+            "in": "reserved",
+        }
+    )
+    assert condition == (
+        'args.amount <= 1899.0 && args.express == true && args["in"] == "reserved"'
+        ' && args.order_id == "A-\\"1\\"\\\\x"'
+    )
+    compile_condition(condition)
+
+
+def test_allow_similar_for_the_run_approves_similar_actions_of_that_run(policy_gate, reviewer):
+    request = waiting_request()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    grant = Grant.objects.get(source="reviewer")
+    assert (grant.run_id, grant.expires_at, grant.max_uses, grant.uses) == (
+        request.run_id,
+        None,
+        10,
+        0,
+    )
+    assert grant.agent.name == "refund-bot" and grant.tool_pattern == "payments.refund"
+    assert grant.condition == 'args.amount <= 1899.0 && args.order_id == "A-1004"'
+    decided = AuditRecord.objects.get(approval_id=request.pk, verb="approval.decided")
+    assert json.loads(decided.payload)["allow_similar"] == {"scope": "run", "grant": grant.pk}
+
+    verdict = review(request.run_id, 100, 1500)
+    assert verdict.outcome == "approved"
+    assert verdict.reason == f"allowed similar by rae (grant #{grant.pk})"
+    grant.refresh_from_db()
+    assert grant.uses == 1
+    used = AuditRecord.objects.get(verb="grant.used")
+    assert (used.object_id, used.run_id, json.loads(used.payload)["uses"]) == (
+        str(grant.pk),
+        grant.run_id,
+        1,
+    )
+
+    # above the approved amount, another order, or another run: a reviewer again
+    assert review(request.run_id, 101, 2000).outcome == "pending"
+    assert review(request.run_id, 102, 600, order_id="A-1001").outcome == "pending"
+    other = new_run(drive_it=False)
+    assert review(other.pk, 100, 1500).outcome == "pending"
+    grant.refresh_from_db()
+    assert grant.uses == 1
+    assert ledger_verify().ok
+
+
+def test_allow_similar_for_an_hour_covers_other_runs_until_it_expires(policy_gate, reviewer):
+    request = waiting_request()
+    before = timezone.now()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="hour")
+    grant = Grant.objects.get(source="reviewer")
+    assert grant.run_id is None
+    assert before + timedelta(minutes=59) < grant.expires_at <= timezone.now() + timedelta(hours=1)
+    other = new_run(drive_it=False)
+    assert review(other.pk, 100, 1000).outcome == "approved"
+    Grant.objects.filter(pk=grant.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    assert review(other.pk, 101, 1000).outcome == "pending"
+
+
+def test_an_edited_approval_constrains_similar_actions_to_the_edit(policy_gate, reviewer):
+    request = waiting_request()
+    edited = {**request.args, "amount": 800}
+    approval_decide(
+        request=request, reviewer=reviewer, verdict="edit", args=edited, allow_similar="run"
+    )
+    grant = Grant.objects.get(source="reviewer")
+    assert "args.amount <= 800.0" in grant.condition
+    assert review(request.run_id, 100, 700).outcome == "approved"
+    assert review(request.run_id, 101, 900).outcome == "pending"
+
+
+def test_a_grant_is_used_at_most_max_uses_times(policy_gate, reviewer):
+    request = waiting_request()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    grant = Grant.objects.get(source="reviewer")
+    Grant.objects.filter(pk=grant.pk).update(max_uses=2)
+    outcomes = [review(request.run_id, 100 + i, 1000).outcome for i in range(3)]
+    assert outcomes == ["approved", "approved", "pending"]
+    grant.refresh_from_db()
+    assert grant.uses == 2
+    assert AuditRecord.objects.filter(verb="grant.used").count() == 2
+
+
+def test_a_revoked_grant_allows_nothing(policy_gate, reviewer):
+    request = waiting_request()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    grant = Grant.objects.get(source="reviewer")
+    grant_revoke(grant=grant, by=reviewer)
+    assert review(request.run_id, 100, 1000).outcome == "pending"
+
+
+def test_admins_can_forbid_allow_similar_per_tool(policy_gate, reviewer):
+    request = waiting_request()
+    Tool.objects.filter(name="payments.refund").update(allow_similar_forbidden=True)
+    with pytest.raises(ValidationError, match="forbid"):
+        approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    request.refresh_from_db()
+    assert request.status == "pending"  # nothing of the decision was kept
+    assert not Decision.objects.exists() and not Grant.objects.filter(source="reviewer").exists()
+
+
+def test_allow_similar_needs_the_rule_and_an_approval(policy_gate, reviewer):
+    request = waiting_request()
+    with pytest.raises(ValidationError):
+        approval_decide(
+            request=request,
+            reviewer=reviewer,
+            verdict="reject",
+            comment="no",
+            allow_similar="run",
+        )
+    with pytest.raises(ValidationError):
+        approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="day")
+    ApprovalRequest.objects.filter(pk=request.pk).update(
+        obligations={**request.obligations, "allow_similar": False}
+    )
+    with pytest.raises(ValidationError, match="does not permit"):
+        approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    assert not Grant.objects.filter(source="reviewer").exists()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve")  # plain approval: fine
+
+
+def test_allow_similar_needs_the_deciding_approval(policy_gate, reviewer):
+    request = waiting_request()
+    ApprovalRequest.objects.filter(pk=request.pk).update(quorum=2)
+    with pytest.raises(ValidationError, match="quorum 2"):
+        approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
