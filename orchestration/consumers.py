@@ -1,4 +1,8 @@
 import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -11,6 +15,8 @@ from orchestration.runs.realtime import RUNS_GROUP, run_group
 from orchestration.runs.selectors import RunFilters, can_view_runs
 from orchestration.runs.views import LiveDetail, LiveList, csrf_token_for
 from orchestration.workers import worker_status
+
+log = logging.getLogger(__name__)
 
 UNAUTHENTICATED = 4401
 
@@ -67,6 +73,90 @@ class SystemStatusConsumer(AuthenticatedConsumer):
 FORBIDDEN = 4403
 NOT_FOUND = 4404
 RENDER_INTERVAL = 0.2  # seconds: at most one render per connection per interval
+
+# What a render gives a connection: the messages to send, or the code to close it with.
+Rendered = list[str] | int
+GATHER_SECONDS = 0.003  # a wave waits this long for the other copies of a group message
+WAVE_SPACING = 0.02  # seconds between the end of a wave and the start of the next, at least
+
+
+class RenderWaves:
+    """The connections of one kind in this process (one instance per event loop, see
+    ``of_loop``), rendered together, in waves. The channel layer hands each connection its own
+    copy of a group message, one after another; the first copy starts a wave. After
+    ``GATHER_SECONDS`` the wave takes every connection whose copy has come (or that has just
+    connected), and every connection ``shared`` names (those whose renders ``render_batch``
+    shares: their copies are on the way), renders them all in one thread hop and gives each its
+    result (its ``deliver``). Copies that come while a wave renders start the next one, so no
+    change is missed and a burst is coalesced. Waves are at least ``WAVE_SPACING`` apart; when
+    copies wait at the end of a wave (a storm of events), the next one also waits as long as the
+    last one took, so that rendering takes at most about half of the process's time. An event
+    after a quiet spell renders at once."""
+
+    _instances: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, RenderWaves]]"
+    _instances = weakref.WeakKeyDictionary()
+
+    def __init__(
+        self,
+        render_batch: Callable[[list[Any]], list[Rendered | None]],
+        *,
+        shared: Callable[[Any], bool] = lambda connection: False,
+    ) -> None:
+        self.render_batch = render_batch
+        self.shared = shared
+        self.connections: dict[Any, None] = {}  # insertion-ordered sets
+        self.pending: dict[Any, None] = {}
+        self.task: asyncio.Task | None = None
+        self.ready_at = 0.0
+
+    @classmethod
+    def of_loop(cls, name: str, factory: Callable[[], "RenderWaves"]) -> "RenderWaves":
+        """The running event loop's instance called ``name``, made by ``factory`` if new."""
+        named = cls._instances.setdefault(asyncio.get_running_loop(), {})
+        if name not in named:
+            named[name] = factory()
+        return named[name]
+
+    def join(self, connection) -> None:
+        self.connections[connection] = None
+
+    def leave(self, connection) -> None:
+        self.connections.pop(connection, None)
+        self.pending.pop(connection, None)
+
+    def request(self, connection) -> None:
+        if connection not in self.connections:
+            return
+        self.pending[connection] = None
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.pending:
+                await asyncio.sleep(max(GATHER_SECONDS, self.ready_at - loop.time()))
+                batch = dict(self.pending)
+                batch.update((c, None) for c in self.connections if self.shared(c))
+                self.pending = {}
+                started = loop.time()
+                connections = list(batch)
+                try:
+                    results = await database_sync_to_async(self.render_batch)(connections)
+                except Exception:  # the next event, or a reconnect, renders again
+                    log.exception("a render wave of %d connections failed", len(connections))
+                    results = [None] * len(connections)
+                for connection, rendered in zip(connections, results, strict=True):
+                    if rendered is not None and connection in self.connections:
+                        try:
+                            await connection.deliver(rendered)
+                        except Exception:  # that socket's trouble, not the others'
+                            log.exception("sending a render to %s failed", connection)
+                ended = loop.time()
+                storm = bool(self.pending)  # copies came while rendering: back to back
+                self.ready_at = ended + max(WAVE_SPACING, ended - started if storm else 0)
+        finally:
+            self.task = None
 
 
 class RunsConsumer(AuthenticatedConsumer):

@@ -1,24 +1,48 @@
 """The live queue (``ws/approvals/?filters``) and one request's page (``ws/approvals/<id>/``).
 Both join ``approvals.queue``; on each ``queue.changed`` they re-read under the viewer's
 permissions and send what changed as out-of-band fragments, rendered from the same partials as
-the pages. On (re)connect the queue sends its whole list. Bursts are coalesced."""
+the pages. On (re)connect each sends its whole state at once.
 
-import asyncio
+The connections of a process render in waves (``RenderWaves``): one thread hop per wave for
+all of them, bursts coalesced, first renders included. Queue connections share renders: the
+queue a viewer sees depends on the viewer only through being an active reviewer
+(``selectors.can_review``), their teams (``services.visible_to``) and their own claims
+(``selectors.decorate``: "claimed by you"). So a wave reads the permissions, teams and claims
+of all its viewers in one query, and renders once per ``audience`` (the same filters, the
+same teams, no claim of their own among the open requests: a claimant renders alone), as one
+of its viewers, with ``LiveQueue``; each connection still sends only what changed for it.
+Change ``audience`` together with those functions; ``tests/approvals/queue/test_consumers.py``
+compares shared renders with each viewer's own."""
+
+import logging
 
 from channels.db import database_sync_to_async
+from django.contrib.auth import get_backends, get_user_model
+from django.contrib.auth.backends import ModelBackend
+from django.db.models import Exists, OuterRef
 from django.http import Http404, QueryDict
 
+from approvals.queue.models import OPEN, ApprovalRequest
 from approvals.queue.selectors import QueueFilters, can_review
 from approvals.queue.services import QUEUE_GROUP
 from approvals.queue.views import LiveQueue, LiveRequest
-from orchestration.consumers import FORBIDDEN, NOT_FOUND, RENDER_INTERVAL, AuthenticatedConsumer
-from orchestration.runs.views import csrf_token_for
+from approvals.roles import REVIEW
+from orchestration.consumers import (
+    FORBIDDEN,
+    NOT_FOUND,
+    AuthenticatedConsumer,
+    Rendered,
+    RenderWaves,
+)
+from orchestration.runs.views import csrf_token_for, oob
+
+log = logging.getLogger(__name__)
 
 
 class QueueConsumer(AuthenticatedConsumer):
     live = None
-    flusher: asyncio.Task | None = None
-    joined = False
+    waves: RenderWaves | None = None
+    closing = False
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -36,44 +60,129 @@ class QueueConsumer(AuthenticatedConsumer):
         else:
             csrf = await database_sync_to_async(csrf_token_for)(self.scope.get("cookies", {}))
             self.live = LiveRequest(request_id, csrf)
-        self.pending = False
-        self.last_render = 0.0
         await self.channel_layer.group_add(QUEUE_GROUP, self.channel_name)
-        self.joined = True
-        await self.render()
+        self.waves = RenderWaves.of_loop("approvals.queue", _queue_waves)
+        self.waves.join(self)
+        self.waves.request(self)  # the whole state at once (reconnects share the render)
 
     async def disconnect(self, code: int) -> None:
-        if self.flusher:
-            self.flusher.cancel()
-        if self.joined:
+        if self.waves is not None:
+            self.waves.leave(self)
             await self.channel_layer.group_discard(QUEUE_GROUP, self.channel_name)
 
+    @property
+    def user_id(self) -> int:
+        return self.scope["user"].pk
+
+    @property
+    def shares(self) -> bool:
+        return type(self.live) is LiveQueue
+
     async def queue_changed(self, event: dict) -> None:
-        self.pending = True
-        if self.flusher is None:
-            self.flusher = asyncio.create_task(self._flush())
+        self.waves.request(self)
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self.pending:
-                wait = self.last_render + RENDER_INTERVAL - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                self.pending = False
-                await self.render()
-        finally:
-            self.flusher = None
-
-    async def render(self) -> None:
-        self.last_render = asyncio.get_running_loop().time()
-        try:
-            messages = await database_sync_to_async(self.live.update)(self.scope["user"].pk, set())
-        except Http404:
-            await self.close(code=NOT_FOUND)
+    async def deliver(self, rendered: Rendered) -> None:
+        if self.closing:
             return
-        if messages is None:  # the viewer's role (or team) was taken away
-            await self.close(code=FORBIDDEN)
+        if isinstance(rendered, int):
+            self.closing = True
+            self.waves.leave(self)
+            await self.close(code=rendered)
             return
-        for html in messages:
+        for html in rendered:
             await self.send(text_data=html)
+
+
+def _queue_waves() -> RenderWaves:
+    return RenderWaves(render_batch, shared=lambda connection: connection.shares)
+
+
+def render_one(live, user_id: int) -> Rendered:
+    """One connection's own render: its messages, or why it closes."""
+    try:
+        messages = live.update(user_id, set())
+    except Http404:
+        return NOT_FOUND
+    return FORBIDDEN if messages is None else messages  # the role (or team) was taken away
+
+
+def render_batch(connections: list[QueueConsumer]) -> list[Rendered | None]:
+    """A wave: the queue connections share renders (see the module's docstring), the request
+    pages render each their own. A connection whose render fails gets None (nothing sent)."""
+    results: list[Rendered | None] = [None] * len(connections)
+    queues = [i for i, c in enumerate(connections) if c.shares]
+    if queues:
+        try:
+            shared = _render_shared([connections[i] for i in queues])
+        except Exception:
+            log.exception("a shared render of the queue failed; rendering each on its own")
+            shared = None
+        for i, rendered in zip(queues, shared or [None] * len(queues), strict=True):
+            results[i] = rendered
+    for i, connection in enumerate(connections):
+        if results[i] is None:
+            try:
+                results[i] = render_one(connection.live, connection.user_id)
+            except Exception:
+                log.exception(
+                    "rendering %s for user %s failed", connection.live, connection.user_id
+                )
+    return results
+
+
+def audience(filters: QueueFilters, teams: frozenset[str], claimant: int | None) -> tuple:
+    """What a viewer's queue depends on besides the open requests: one render per audience."""
+    return (filters.querystring(), teams, claimant)
+
+
+def _render_shared(connections: list[QueueConsumer]) -> list[Rendered | None] | None:
+    """The queue connections' renders, one per audience (None for one whose representative
+    lost its role meanwhile: it renders on its own); None for all if a claim came or went while
+    rendering, or if the permissions cannot be read for many viewers at once (an authentication
+    backend other than Django's model backend)."""
+    backends = get_backends()
+    if len(backends) != 1 or type(backends[0]) is not ModelBackend:
+        return None
+    open_claims = ApprovalRequest.objects.filter(status__in=OPEN, claimed_by__isnull=False)
+    viewers = (
+        get_user_model()
+        .objects.with_perm(REVIEW, is_active=True, include_superusers=True)
+        .filter(pk__in={c.user_id for c in connections})
+        .annotate(claiming=Exists(open_claims.filter(claimed_by=OuterRef("pk"))))
+        .values_list("pk", "reviewer_teams__name", "claiming")
+    )
+    teams: dict[int, set[str]] = {}  # the viewers who may review: their teams
+    claiming: set[int] = set()
+    for user_id, team, claims in viewers:
+        teams.setdefault(user_id, set()).update([team] if team else [])
+        if claims:
+            claiming.add(user_id)
+
+    def claimants() -> set[int]:
+        mine = open_claims.filter(claimed_by__in=list(teams))
+        return set(mine.values_list("claimed_by", flat=True))
+
+    renders: dict[tuple, dict[str, str] | None] = {}
+    chosen: list[dict[str, str] | int | None] = []
+    for connection in connections:
+        user_id = connection.user_id
+        if user_id not in teams:
+            chosen.append(FORBIDDEN)
+            continue
+        filters = connection.live.filters
+        key = audience(filters, frozenset(teams[user_id]), user_id if user_id in claiming else None)
+        if key not in renders:
+            probe = LiveQueue(filters)  # a full re-read under this viewer's permissions
+            renders[key] = probe.sent if probe.update(user_id, set()) is not None else None
+        chosen.append(renders[key])  # None: the viewer rendered lost its role meanwhile
+    if claimants() != claiming:  # a claim came or went while rendering: each on its own
+        return None
+    results: list[Rendered | None] = []
+    for connection, fragments in zip(connections, chosen, strict=True):
+        if fragments is None or isinstance(fragments, int):
+            results.append(fragments)
+            continue
+        sent = connection.live.sent
+        results.append([oob(html) for name, html in fragments.items() if sent.get(name) != html])
+        connection.live.sent = dict(fragments)
+    return results
