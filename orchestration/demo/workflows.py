@@ -91,16 +91,20 @@ def customer_refund(ctx, order_id: str, reason: str) -> dict:
         )
         return {"refunded": 0, "note": refused.reason}
     ctx.progress(0.9, "Telling the customer")
-    ctx.tool(
-        "email.send",
-        to=order["customer_email"],
-        subject=f"Your refund for {order_id}",
-        body=f"Dear {order['customer_name']}, we refunded {refund['amount']:.2f} EUR "
-        f"for {order['item']}.",
-        _reasoning="Confirm the refund to the customer.",
-        _confidence=0.9,
-    )
-    return {"refunded": refund["amount"], "refund_id": refund["refund_id"]}
+    done = {"refunded": refund["amount"], "refund_id": refund["refund_id"]}
+    try:
+        ctx.tool(
+            "email.send",
+            to=order["customer_email"],
+            subject=f"Your refund for {order_id}",
+            body=f"Dear {order['customer_name']}, we refunded {refund['amount']:.2f} EUR "
+            f"for {order['item']}.",
+            _reasoning="Confirm the refund to the customer.",
+            _confidence=0.9,
+        )
+    except (ActionDenied, ActionRejected) as refused:  # the refund stands; no email goes out
+        return {**done, "customer_emailed": False, "note": refused.reason}
+    return {**done, "customer_emailed": True}
 
 
 @workflow(

@@ -99,3 +99,24 @@ def test_demo_traffic_starts_runs_of_every_workflow():
     ]
     with pytest.raises(CommandError, match="--rate must be above 0"):
         call_command("demo_traffic", "--rate", "0")
+
+
+def test_a_refused_confirmation_email_leaves_the_refund_done(settings):
+    from orchestration.gate import Verdict
+    from orchestration.runs.services import run_start
+    from tests.gates import ScriptedGate
+
+    settings.BATON_GATE = "tests.gates.ScriptedGate"
+    ScriptedGate.reset()
+    ScriptedGate.verdicts = {"email.send": Verdict("deny", reason="no customer emails today")}
+    run = drive(
+        run_start(
+            workflow="customer_refund",
+            agent="refund-bot",
+            input={"order_id": "A-1001", "reason": "It arrived broken."},
+        ).pk
+    )
+    assert run.status == "completed"
+    assert run.result["customer_emailed"] is False
+    assert "no customer emails today" in run.result["note"]
+    assert Refund.objects.get().amount == 89 and not Email.objects.exists()
