@@ -33,7 +33,7 @@ NAV = [
     NavItem("Approval queue", "approvals:queue", REVIEW),
     NavItem("Policy", "policy:rules", MANAGE_POLICY, section="policy:"),
     NavItem("Roles", "approvals:roles", MANAGE_POLICY),
-    NavItem("Audit trail", "approvals:audit", AUDIT),
+    NavItem("Audit trail", "approvals:audit", AUDIT, section="approvals:audit"),
     NavItem("Runs", "runs:list", (REVIEW, MANAGE_POLICY, AUDIT), section="runs:"),
     NavItem("Django admin", "admin:index", None),
 ]

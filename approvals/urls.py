@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from approvals import views
 from approvals.queue import views as queue_views
@@ -18,5 +18,5 @@ urlpatterns = [
         name="grant_revoke",
     ),
     path("roles/", views.roles, name="roles"),
-    path("audit/", views.audit, name="audit"),
+    path("audit/", include("approvals.audit.urls")),
 ]

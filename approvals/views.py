@@ -5,9 +5,8 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 
 from approvals.queue.views import queue  # noqa: F401  (the queue page lives with the queue)
-from approvals.roles import AUDIT, MANAGE_POLICY, ROLE_PERMISSIONS, role_required
+from approvals.roles import MANAGE_POLICY, ROLE_PERMISSIONS, role_required
 from approvals.shell import landing_url
-from orchestration.ledger.models import AuditRecord
 
 
 @login_required
@@ -25,23 +24,3 @@ def roles(request: HttpRequest) -> HttpResponse:
         "permissions", "user_set"
     )
     return TemplateResponse(request, "approvals/roles.html", {"groups": groups})
-
-
-AUDIT_PAGE_SIZE = 50
-
-
-@role_required(AUDIT)
-def audit(request: HttpRequest) -> HttpResponse:
-    """The ledger, newest first, paged by sequence (keyset), so every page costs the same."""
-    records = AuditRecord.objects.order_by("-seq")
-    before = request.GET.get("before", "")
-    if before.isdigit():
-        records = records.filter(seq__lt=int(before))
-    page = list(records[: AUDIT_PAGE_SIZE + 1])
-    has_more = len(page) > AUDIT_PAGE_SIZE
-    page = page[:AUDIT_PAGE_SIZE]
-    return TemplateResponse(
-        request,
-        "approvals/audit.html",
-        {"records": page, "next_before": page[-1].seq if has_more else None},
-    )

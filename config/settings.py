@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
@@ -158,7 +159,13 @@ def celery_broker_url(redis_url: str) -> str:
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1000, "expiry": 30},
+        "CONFIG": {
+            # redis-py 8 times socket reads out after 5 s, the length of channels-redis's
+            # blocking receive, which made idle websockets fail; keep above it.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15}],
+            "capacity": 1000,
+            "expiry": 30,
+        },
     }
 }
 
@@ -204,6 +211,29 @@ BATON_LEASE_SECONDS = int(os.environ.get("BATON_LEASE_SECONDS", "60"))
 BATON_CLAIM_SECONDS = int(os.environ.get("BATON_CLAIM_SECONDS", "600"))
 # A worker counts as alive while its last heartbeat is younger than this.
 BATON_WORKER_STALE_AFTER = int(os.environ.get("BATON_WORKER_STALE_AFTER", "45"))
+
+# --- Audit ledger: signed checkpoints, verification, retention ---------------------------------
+# Checkpoints of the hash chain are signed (HMAC-SHA256) and kept outside the database. Without
+# BATON_AUDIT_KEY the key is derived from SECRET_KEY; set it (and keep it) to separate the two.
+BATON_AUDIT_KEY = os.environ.get("BATON_AUDIT_KEY", "")
+BATON_AUDIT_CHECKPOINT_DIR = Path(
+    os.environ.get("BATON_AUDIT_CHECKPOINT_DIR", VAR_DIR / "checkpoints")
+)
+# Beat verifies the records since the last checkpoint and writes a new one this often.
+BATON_AUDIT_CHECKPOINT_MINUTES = float(os.environ.get("BATON_AUDIT_CHECKPOINT_MINUTES", "5"))
+# Records older than this are pruned daily (0 keeps them forever). 183 days: the EU AI Act's
+# minimum of six months for the logs of high-risk systems.
+BATON_AUDIT_RETENTION_DAYS = int(os.environ.get("BATON_AUDIT_RETENTION_DAYS", "183"))
+CELERY_BEAT_SCHEDULE["ledger-checkpoint"] = {
+    "task": "orchestration.tasks.ledger_checkpoint",
+    "schedule": BATON_AUDIT_CHECKPOINT_MINUTES * 60,
+    "options": {"expires": BATON_AUDIT_CHECKPOINT_MINUTES * 60},
+}
+CELERY_BEAT_SCHEDULE["ledger-prune"] = {
+    "task": "orchestration.tasks.ledger_prune",
+    "schedule": crontab(hour=3, minute=30),
+    "options": {"expires": 3600.0},
+}
 
 # --- Notifications of new high-risk approval requests ------------------------------------------
 BATON_NOTIFY_RISK = int(os.environ.get("BATON_NOTIFY_RISK", "60"))

@@ -60,3 +60,22 @@ def _heartbeat_on_start(sender, **kwargs) -> None:
     with transaction.atomic():
         heartbeat_record(hostname=sender.hostname)
         transaction.on_commit(broadcast_system_status)
+
+
+# The first run after an upgrade walks the whole chain, and a day's pruning verifies a day of
+# records: both may take longer than the default task time limit.
+@shared_task(ignore_result=True, time_limit=3600, soft_time_limit=3500)
+def ledger_checkpoint() -> bool:
+    """Scheduled by beat: verify the ledger's records since the last signed checkpoint, record
+    the run, and checkpoint the head if it advanced."""
+    from orchestration.ledger.verification import verify_and_checkpoint
+
+    return verify_and_checkpoint().ok
+
+
+@shared_task(ignore_result=True, time_limit=3600, soft_time_limit=3500)
+def ledger_prune() -> int:
+    """Scheduled by beat, daily: delete the records past ``BATON_AUDIT_RETENTION_DAYS``."""
+    from orchestration.ledger.retention import ledger_prune as prune
+
+    return prune().deleted

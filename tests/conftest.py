@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import redis
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 
 from config.embedded_redis import server_command
 from orchestration.engine.timeouts import close_helper_connections
@@ -151,6 +151,37 @@ def page(browser):
 @pytest.fixture(autouse=True)
 def _var_dir_exists():
     Path(settings.VAR_DIR).mkdir(parents=True, exist_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_dir(settings, tmp_path, monkeypatch):
+    """Each test its own folder of signed ledger checkpoints (also for the processes it starts),
+    since each test starts from an empty ledger."""
+    folder = tmp_path / "checkpoints"
+    settings.BATON_AUDIT_CHECKPOINT_DIR = folder
+    monkeypatch.setenv("BATON_AUDIT_CHECKPOINT_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ledger_flush_exit():
+    """On PostgreSQL a trigger refuses TRUNCATE and DELETE on the audit ledger (migration
+    0008). The test database's flush after a transactional test opens the one exit meant for
+    it, ``baton.ledger_exit = 'test-teardown'``, local to the flush's own transaction."""
+    ops_class = type(connection.ops)
+    original = ops_class.execute_sql_flush
+
+    def execute_sql_flush(self, sql_list):
+        if self.connection.vendor != "postgresql":
+            return original(self, sql_list)
+        with transaction.atomic(using=self.connection.alias):
+            with self.connection.cursor() as cursor:
+                cursor.execute("SET LOCAL baton.ledger_exit = 'test-teardown'")
+            return original(self, sql_list)
+
+    ops_class.execute_sql_flush = execute_sql_flush
+    yield
+    ops_class.execute_sql_flush = original
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -143,14 +143,14 @@ def test_embedded_redis_socket_in_var_dir(tmp_path):
     sock = tmp_path / "var" / "redis.sock"
     assert values["REDIS_URL"] == f"unix://{sock}"
     assert values["CELERY_BROKER_URL"] == f"redis+socket://{sock}"
-    assert values["CHANNEL_HOSTS"] == [f"unix://{sock}"]
+    assert values["CHANNEL_HOSTS"] == [{"address": f"unix://{sock}", "socket_timeout": 15}]
 
 
 def test_redis_url_used_by_celery_and_channels(tmp_path):
     url = "redis://127.0.0.1:6379/3"
     values = load(tmp_path, SECRET_KEY=GOOD_KEY, REDIS_URL=url)
     assert values["REDIS_URL"] == values["CELERY_BROKER_URL"] == url
-    assert values["CHANNEL_HOSTS"] == [url]
+    assert values["CHANNEL_HOSTS"] == [{"address": url, "socket_timeout": 15}]
 
 
 def test_celery_is_configured_for_durable_delivery(tmp_path):

@@ -63,6 +63,11 @@ def _record(decision: Decision, action: Action, run: Run) -> None:
             actor="policy-gate",
             run_id=run.pk,
             agent_id=run.agent_id,
+            workflow=run.workflow,
+            tool=action.tool,
+            outcome=decision.outcome,
+            risk=decision.score,
+            reason=decision.reason,
             object_type="step",
             object_id=action.step_seq,
             payload={
@@ -169,8 +174,9 @@ class PolicyGate:
                 ledger_append(
                     "question.asked",
                     actor="policy-gate",
-                    run_id=run_id,
-                    approval_id=request.pk,
+                    outcome="asked",
+                    reason=question.text,
+                    **request.ledger_refs(),
                     payload={"question": question.text, "choices": list(question.choices)},
                 )
             return Pending("waiting for an answer")
@@ -225,9 +231,9 @@ def request_open(*, action: Action, run: Run, decision: Decision) -> ApprovalReq
             ledger_append(
                 "approval.created",
                 actor="policy-gate",
-                run_id=run.pk,
-                agent_id=run.agent_id,
-                approval_id=request.pk,
+                outcome="opened",
+                reason=decision.reason,
+                **request.ledger_refs(),
                 payload={
                     "tool": action.tool,
                     "action_hash": decision.action_hash,
@@ -259,7 +265,7 @@ def request_supersede(request: ApprovalRequest) -> None:
         ledger_append(
             "approval.superseded",
             actor="policy-gate",
-            run_id=request.run_id,
-            approval_id=request.pk,
+            outcome="superseded",
+            **request.ledger_refs(),
             payload={"action_hash": request.action_hash},
         )

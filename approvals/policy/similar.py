@@ -102,6 +102,10 @@ def similar_use(decision: Decision, run: Run, *, step_seq: int) -> Grant | None:
             actor="policy-gate",
             run_id=run.pk,
             agent_id=run.agent_id,
+            workflow=run.workflow,
+            tool=decision.input["action"]["tool"],
+            outcome="allow",
+            risk=decision.score,
             object_type="grant",
             object_id=grant.pk,
             payload={

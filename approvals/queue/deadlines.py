@@ -78,8 +78,8 @@ def request_warn(request_id: int, *, now=None) -> int:
         ledger_append(
             "approval.deadline_warning",
             actor=ACTOR,
-            run_id=locked.run_id,
-            approval_id=locked.pk,
+            outcome="warned",
+            **locked.ledger_refs(),
             payload={
                 "deadline": locked.deadline.isoformat(),
                 "remaining_seconds": int((locked.deadline - now).total_seconds()),
@@ -102,7 +102,7 @@ def request_expire(request_id: int, *, now=None) -> str | None:
         on_expiry = obligations.get("on_expiry") or "deny"
         if locked.status == RequestStatus.ESCALATED and on_expiry == "escalate":
             on_expiry = "deny"  # escalated once: the second deadline denies
-        common = {"run_id": locked.run_id, "approval_id": locked.pk, "actor": ACTOR}
+        common = {**locked.ledger_refs(), "actor": ACTOR}
         payload = {"deadline": locked.deadline.isoformat(), "on_expiry": on_expiry}
         if on_expiry == "approve":
             status = (
@@ -116,6 +116,7 @@ def request_expire(request_id: int, *, now=None) -> str | None:
             )
             ledger_append(
                 "approval.expiry_approved",
+                outcome="expiry_approved",
                 payload={**payload, "action_hash": locked.action_hash, "status": status},
                 **common,
             )
@@ -135,6 +136,7 @@ def request_expire(request_id: int, *, now=None) -> str | None:
             )
             ledger_append(
                 "approval.escalated",
+                outcome="escalated",
                 payload={
                     **payload,
                     "from_team": locked.team,
@@ -146,7 +148,13 @@ def request_expire(request_id: int, *, now=None) -> str | None:
             outcome = "escalated"
         elif on_expiry == "halt":
             reason = f"approval request {locked.pk} {EXPIRED_REASON}"
-            ledger_append("approval.expiry_halted", payload=payload, **common)
+            ledger_append(
+                "approval.expiry_halted",
+                outcome="expiry_halted",
+                reason=reason,
+                payload=payload,
+                **common,
+            )
             with suppress(RunError):  # a run already final: its request still closes
                 run_halt(run=locked.run_id, by=ACTOR, reason=reason)
             requests_close_for_run(locked.run_id, by=ACTOR, reason=reason)
@@ -158,7 +166,13 @@ def request_expire(request_id: int, *, now=None) -> str | None:
                 decided_by=ACTOR,
                 decided_at=now,
             )
-            ledger_append("approval.expired", payload=payload, **common)
+            ledger_append(
+                "approval.expired",
+                outcome="expired",
+                reason=EXPIRED_REASON,
+                payload=payload,
+                **common,
+            )
             run_resume(run_id=locked.run_id, note="An approval request expired without a decision.")
             outcome = "expired"
         _queue_changed(locked.pk)

@@ -87,6 +87,20 @@ class ApprovalRequest(models.Model):
         what = self.tool or "question"
         return f"request {self.pk}: {what} (run {self.run_id})"
 
+    def ledger_refs(self) -> dict:
+        """The columns a ledger record about this request is searched by."""
+        from orchestration.runs.models import Run
+
+        run = Run.objects.filter(pk=self.run_id).values("workflow", "agent_id").first() or {}
+        return {
+            "run_id": self.run_id,
+            "approval_id": self.pk,
+            "agent_id": run.get("agent_id"),
+            "workflow": run.get("workflow", ""),
+            "tool": self.tool,
+            "risk": self.risk_score if self.kind == RequestKind.ACTION else None,
+        }
+
 
 class Decision(models.Model):
     """One per reviewer per request; immutable."""

@@ -85,8 +85,8 @@ def approval_claim(*, request: ApprovalRequest | int, reviewer) -> ApprovalReque
             ledger_append(
                 "approval.claimed",
                 actor=reviewer,
-                run_id=locked.run_id,
-                approval_id=locked.pk,
+                outcome="claimed",
+                **locked.ledger_refs(),
                 payload={},
             )
     queue_changed(locked.pk)
@@ -106,8 +106,8 @@ def approval_release(*, request: ApprovalRequest | int, reviewer) -> ApprovalReq
         ledger_append(
             "approval.released",
             actor=reviewer,
-            run_id=locked.run_id,
-            approval_id=locked.pk,
+            outcome="released",
+            **locked.ledger_refs(),
             payload={},
         )
     queue_changed(locked.pk)
@@ -122,19 +122,19 @@ def claims_expire(*, now=None) -> int:
         expired = list(
             ApprovalRequest.objects.select_for_update()
             .filter(claim_expires_at__lte=now, claimed_by__isnull=False)
-            .values_list("pk", "run_id", "claimed_by__username")
+            .select_related("claimed_by")
         )
-        for pk, run_id, username in expired:
-            queue_changed(pk)
-            ApprovalRequest.objects.filter(pk=pk).update(
+        for request in expired:
+            queue_changed(request.pk)
+            ApprovalRequest.objects.filter(pk=request.pk).update(
                 claimed_by=None, claimed_at=None, claim_expires_at=None
             )
             ledger_append(
                 "approval.claim_expired",
                 actor="system",
-                run_id=run_id,
-                approval_id=pk,
-                payload={"claimed_by": username},
+                outcome="claim_expired",
+                payload={"claimed_by": request.claimed_by.get_username()},
+                **request.ledger_refs(),
             )
     return len(expired)
 
@@ -154,8 +154,9 @@ def requests_close_for_run(run_id: int, *, by, reason: str) -> int:
         ledger_append(
             "approval.halted",
             actor=by,
-            run_id=run_id,
-            approval_id=request.pk,
+            outcome="halted",
+            reason=reason,
+            **request.ledger_refs(),
             payload={"reason": reason},
         )
         queue_changed(request.pk)
@@ -268,8 +269,9 @@ def approval_decide(
         ledger_append(
             f"approval.{'answered' if verdict == 'answer' else 'decided'}",
             actor=reviewer,
-            run_id=locked.run_id,
-            approval_id=locked.pk,
+            outcome=verdict,
+            reason=comment or answer or "",
+            **locked.ledger_refs(),
             payload={
                 "verdict": verdict,
                 "action_hash": decided_hash,

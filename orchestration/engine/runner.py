@@ -106,6 +106,8 @@ def _mark_running(run: Run, lease: str) -> None:
                 actor="engine",
                 run_id=run.pk,
                 agent_id=run.agent_id,
+                workflow=run.workflow,
+                outcome="started",
                 payload={"workflow": run.workflow, "version": run.workflow_version},
             )
         transaction.on_commit(lambda: broadcast_run(run.pk))
@@ -133,6 +135,10 @@ def _finish(
         if locked.lease_owner != lease or locked.is_final:
             return "stopped"  # halted meanwhile, or another worker took over
         ctx.outbox.apply()  # the last steps' finishes commit with the run's new state
+        # A claim clears wake_at, so a due mark now is a run_resume made during this lease: what
+        # the run is about to wait for may already have happened. Stay due and go again.
+        if status == RunStatus.WAITING and locked.wake_at and locked.wake_at <= now:
+            wake_at, requeue = locked.wake_at, True
         fields: dict[str, Any] = {
             "status": status,
             "lease_owner": "",
@@ -153,6 +159,8 @@ def _finish(
                 actor="engine",
                 run_id=run.pk,
                 agent_id=run.agent_id,
+                workflow=run.workflow,
+                outcome="completed",
                 payload={"cost_usd": str(locked.cost_usd), "steps": locked.steps},
             )
         elif status == RunStatus.FAILED:
@@ -162,6 +170,9 @@ def _finish(
                 actor="engine",
                 run_id=run.pk,
                 agent_id=run.agent_id,
+                workflow=run.workflow,
+                outcome="failed",
+                reason=error[:2000],
                 payload={"error": error[:2000]},
             )
         elif status == RunStatus.WAITING and note:

@@ -2,5 +2,19 @@
 
 Every layer writes its records with ``ledger_append`` inside its own transaction, so a change and
 its record commit together or not at all. References are plain ids, never foreign keys, so nothing
-can cascade into the ledger.
+can cascade into the ledger. On PostgreSQL a trigger refuses to update, delete or truncate records
+(migration 0008); signed checkpoints outside the database (``checkpoints``) catch a chain
+rewritten wholesale or cut at its tail; ``retention`` prunes records past their retention period.
 """
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestration.ledger.models import LedgerVerification
+
+
+def last_verification() -> "LedgerVerification | None":
+    """The latest recorded verification run (beat's or ``audit_verify``'s), if any."""
+    from orchestration.ledger.models import LedgerVerification
+
+    return LedgerVerification.objects.order_by("-at", "-id").first()

@@ -2,19 +2,30 @@
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_json, sha256_hex
 from orchestration.ledger.actor import current_actor
+from orchestration.ledger.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    checkpoint_at,
+    latest_checkpoint,
+    read_checkpoints,
+)
 from orchestration.ledger.models import GENESIS_HASH, AuditRecord, LedgerError, LedgerHead
 
 VERB_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
 REFERENCE_FIELDS = ("run_id", "agent_id", "approval_id", "user_id", "object_type", "object_id")
+SEARCH_FIELDS = ("workflow", "tool", "outcome", "risk", "reason")
 
 
 def record_digest(
@@ -29,16 +40,51 @@ def record_digest(
     **references: Any,
 ) -> str:
     """SHA-256 over the previous hash and the canonical text of every column of the record."""
-    envelope = {
+    envelope = _envelope(
+        seq=seq,
+        at=at,
+        actor=actor,
+        actor_user_id=actor_user_id,
+        verb=verb,
+        payload=payload,
+        **references,
+    )
+    return sha256_hex(prev_hash + "\n" + canonical_json(envelope))
+
+
+def _envelope(
+    *,
+    seq: int,
+    at: datetime,
+    actor: str,
+    actor_user_id: int | None,
+    verb: str,
+    payload: str,
+    **references: Any,
+) -> dict[str, Any]:
+    return {
         "seq": seq,
         "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
         "actor": actor,
         "actor_user_id": actor_user_id,
         "verb": verb,
         "payload": payload,
-        **{field: references.get(field) for field in REFERENCE_FIELDS},
+        **{field: references.get(field) for field in REFERENCE_FIELDS + SEARCH_FIELDS},
     }
-    return sha256_hex(prev_hash + "\n" + canonical_json(envelope))
+
+
+_SEQ_MARK = '"seq":-1'
+
+
+def _digest_halves(**fields: Any) -> tuple[str, str]:
+    """The text ``record_digest`` hashes after the previous hash, split where the sequence goes:
+    the digest of record ``seq`` is SHA-256 of ``prev_hash + before + str(seq) + after``. Inside
+    canonical JSON every quote of a string value is escaped, so the marker is the key itself."""
+    text = canonical_json(_envelope(seq=-1, **fields))
+    before, mark, after = text.partition(_SEQ_MARK)
+    if not mark or _SEQ_MARK in after:  # cannot happen; refuse rather than hash the wrong text
+        raise LedgerError("The record's canonical text has no single sequence to fill in.")
+    return "\n" + before + '"seq":', after
 
 
 def ledger_append(
@@ -52,9 +98,16 @@ def ledger_append(
     user_id: int | None = None,
     object_type: str = "",
     object_id: str | int = "",
+    workflow: str = "",
+    tool: str = "",
+    outcome: str = "",
+    risk: int | None = None,
+    reason: str = "",
 ) -> AuditRecord:
     """Append one record to the chain, inside the caller's transaction.
 
+    ``workflow``, ``tool``, ``outcome``, ``risk`` and ``reason`` are what auditors search by;
+    give them where the record is about a run's action or a decision on it.
     ``actor`` is a user, a label such as ``"system"``, or omitted for the current actor (the
     request's user, see ``orchestration.ledger.actor``). Raises ``LedgerError`` outside a
     transaction, for a malformed verb, or for a payload with no canonical form (a NUL character
@@ -66,6 +119,7 @@ def ledger_append(
         raise LedgerError(f"Ledger verb {verb!r} must be dotted lower-case, e.g. 'run.started'.")
     try:
         payload_text = canonical_json(payload or {}, path="payload")
+        canonical_json(reason or "", path="reason")
     except CanonicalError as exc:
         raise LedgerError(f"Refused {verb} record: {exc}.") from exc
 
@@ -77,35 +131,122 @@ def ledger_append(
         "user_id": user_id,
         "object_type": object_type,
         "object_id": str(object_id),
+        "workflow": workflow or "",
+        "tool": tool or "",
+        "outcome": outcome or "",
+        "risk": risk,
+        "reason": reason or "",
     }
     at = timezone.now()
-
+    connection = transaction.get_connection()
+    fields = {
+        "at": at,
+        "actor": actor_label,
+        "actor_user_id": actor_user_id,
+        "verb": verb,
+        **references,
+        "payload": payload_text,
+    }
     # Lock the head last: everything above may fail or take time without holding the lock.
-    head = _locked_head()
-    seq = head.seq + 1
-    digest = record_digest(
-        prev_hash=head.hash,
-        seq=seq,
-        at=at,
-        actor=actor_label,
-        actor_user_id=actor_user_id,
-        verb=verb,
-        payload=payload_text,
-        **references,
-    )
-    record = AuditRecord.objects.create(
-        seq=seq,
-        at=at,
-        actor=actor_label,
-        actor_user_id=actor_user_id,
-        verb=verb,
-        payload=payload_text,
-        prev_hash=head.hash,
-        hash=digest,
-        **references,
-    )
-    LedgerHead.objects.filter(pk=head.pk).update(seq=seq, hash=digest)
+    if connection.vendor == "postgresql":
+        record_id, seq, prev_hash, digest = _append_postgresql(connection, fields)
+    else:
+        record_id, seq, prev_hash, digest = _append_locked(connection, fields)
+
+    record = AuditRecord(id=record_id, seq=seq, prev_hash=prev_hash, hash=digest, **fields)
+    record._state.adding = False
+    record._state.db = connection.alias
     return record
+
+
+# An append on PostgreSQL is one statement: lock the head, hash the record onto it, insert the
+# record and advance the head. The lock is held from that statement to the commit only.
+_HEAD_PK = 1
+INSERT_COLUMNS = (
+    "seq",
+    "at",
+    "actor",
+    "actor_user_id",
+    "verb",
+    *REFERENCE_FIELDS,
+    *SEARCH_FIELDS,
+    "payload",
+    "prev_hash",
+    "hash",
+)
+_FIELD_COLUMNS = INSERT_COLUMNS[1:-2]  # the columns known before the head is read
+
+
+@cache
+def _statements(vendor: str) -> dict[str, str]:
+    # Identifiers come from the models' metadata and values are parameters: nothing is user text.
+    qn = connections["default"].ops.quote_name
+    records, head = qn(AuditRecord._meta.db_table), qn(LedgerHead._meta.db_table)
+    columns = ", ".join(qn(column) for column in INSERT_COLUMNS)
+    field_params = ", ".join(["%s"] * len(_FIELD_COLUMNS))
+    create_head = f"INSERT INTO {head} (id, seq, hash) VALUES ({_HEAD_PK}, 0, %s)"  # noqa: S608
+    create_head += " ON CONFLICT DO NOTHING"
+    lock = f"SELECT seq, hash FROM {head} WHERE id = {_HEAD_PK}"  # noqa: S608
+    statements = {"create_head": create_head, "lock": lock}
+    if vendor == "postgresql":
+        # FOR UPDATE waits for a concurrent append to commit and then returns the head it left;
+        # the UPDATE of the same row then follows that version too. sha256(prev_hash || before
+        # || seq || after) is record_digest's hash (see _digest_halves), so verification,
+        # which recomputes it in Python, checks this too.
+        append = f"WITH locked AS ({lock} FOR UPDATE), "
+        append += "computed AS (SELECT seq + 1 AS seq, hash AS prev_hash, "
+        append += "encode(sha256(convert_to(hash || %s || (seq + 1)::text || %s, 'UTF8')), 'hex')"
+        append += " AS hash FROM locked), "
+        append += f"advanced AS (UPDATE {head} SET seq = computed.seq, hash = computed.hash "  # noqa: S608
+        append += f"FROM computed WHERE {head}.id = {_HEAD_PK} RETURNING 1) "
+        append += f"INSERT INTO {records} ({columns}) "
+        append += f"SELECT computed.seq, {field_params}, computed.prev_hash, computed.hash "
+        append += "FROM computed RETURNING id, seq, prev_hash, hash"
+        statements["append"] = append
+    else:
+        placeholders = ", ".join(["%s"] * len(INSERT_COLUMNS))
+        statements["insert"] = f"INSERT INTO {records} ({columns}) VALUES ({placeholders})"  # noqa: S608
+        statements["advance"] = f"UPDATE {head} SET seq = %s, hash = %s WHERE id = {_HEAD_PK}"  # noqa: S608
+    return statements
+
+
+def _params(connection, fields: dict[str, Any]) -> list[Any]:
+    params = [fields[column] for column in _FIELD_COLUMNS]
+    params[0] = connection.ops.adapt_datetimefield_value(fields["at"])
+    return params
+
+
+def _append_postgresql(connection, fields: dict[str, Any]) -> tuple[int, int, str, str]:
+    statements = _statements(connection.vendor)
+    before, after = _digest_halves(**fields)
+    params = [before, after, *_params(connection, fields)]
+    with connection.cursor() as cursor:
+        cursor.execute(statements["append"], params)
+        row = cursor.fetchone()
+        if row is None:  # no head: a flushed test database (the migrations create it)
+            cursor.execute(statements["create_head"], [GENESIS_HASH])
+            cursor.execute(statements["append"], params)
+            row = cursor.fetchone()
+    return row
+
+
+def _append_locked(connection, fields: dict[str, Any]) -> tuple[int, int, str, str]:
+    """SQLite: its IMMEDIATE transactions hold the database's write lock from their start, so
+    reading the head, inserting and advancing cannot interleave with another writer."""
+    statements = _statements(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(statements["lock"])
+        row = cursor.fetchone()
+        if row is None:  # a flushed test database; the migrations create the head
+            cursor.execute(statements["create_head"], [GENESIS_HASH])
+            row = (0, GENESIS_HASH)
+        seq, prev_hash = row[0] + 1, row[1]
+        digest = record_digest(prev_hash=prev_hash, seq=seq, **fields)
+        params = [seq, *_params(connection, fields), prev_hash, digest]
+        cursor.execute(statements["insert"], params)
+        record_id = cursor.lastrowid
+        cursor.execute(statements["advance"], [seq, digest])
+    return record_id, seq, prev_hash, digest
 
 
 def _actor_fields(actor: Any) -> tuple[str, int | None]:
@@ -116,14 +257,6 @@ def _actor_fields(actor: Any) -> tuple[str, int | None]:
     return "anonymous", None
 
 
-def _locked_head() -> LedgerHead:
-    head = LedgerHead.objects.select_for_update().filter(pk=1).first()
-    if head is None:  # a flushed test database; the migration creates it everywhere else
-        LedgerHead.objects.bulk_create([LedgerHead(pk=1)], ignore_conflicts=True)
-        head = LedgerHead.objects.select_for_update().get(pk=1)
-    return head
-
-
 @dataclass(frozen=True)
 class VerifyResult:
     ok: bool
@@ -131,16 +264,128 @@ class VerifyResult:
     last_seq: int
     last_hash: str
     error: str = ""
+    first_seq: int | None = None  # the first record checked
+    checkpoints: int = 0  # signed checkpoints found to match the chain
 
 
-def ledger_verify(*, chunk_size: int = 2000) -> VerifyResult:
-    """Walk the chain in order and stop at the first broken link."""
-    prev_hash, expected_seq, checked = GENESIS_HASH, 1, 0
+def ledger_verify(
+    *, chunk_size: int = 2000, since_last_checkpoint: bool = False, upto: int | None = None
+) -> VerifyResult:
+    """Walk the chain in order and stop at the first broken link.
+
+    By default the whole chain: from #1 or, once pruned, from the first remaining record, which
+    must link to a valid signed checkpoint of the record before it. Every checkpoint must match
+    the record at its sequence (so a chain rewritten with every hash recomputed is caught), none
+    may lie beyond the chain's end (a cut tail), and every file in the checkpoint folder must be
+    a validly signed checkpoint.
+
+    ``since_last_checkpoint``: only the records after the latest checkpoint, which must link to
+    it (beat's periodic check). ``upto``: stop after that record and skip the checks of the
+    chain's end (pruning verifies what it is about to delete).
+    """
+    # Checkpoints are read before the records: each was written once the head it names was
+    # committed, so none read here lies beyond the chain the walk sees unless the tail was cut.
+    try:
+        if since_last_checkpoint:
+            start = latest_checkpoint()
+            anchors = {start.seq: start.hash} if start else {}
+            problems: list[str] = []
+        else:
+            start = None
+            checkpoints, problems = read_checkpoints()
+            anchors = {checkpoint.seq: checkpoint.hash for checkpoint in checkpoints}
+    except CheckpointError as exc:
+        return VerifyResult(False, 0, 0, "", str(exc))
+    with _snapshot():
+        return _walk(start, anchors, problems, upto, chunk_size)
+
+
+@contextmanager
+def _snapshot() -> Iterator[None]:
+    """On PostgreSQL, outside any transaction, read the head and the records from one snapshot
+    (pruning or appends meanwhile do not show as breaks); elsewhere the walk stops at the head
+    it read first, which is enough for appends."""
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        yield
+        return
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
+def _walk(
+    start: Checkpoint | None,
+    anchors: dict[int, str],
+    problems: list[str],
+    upto: int | None,
+    chunk_size: int,
+) -> VerifyResult:
+    head = LedgerHead.objects.filter(pk=1).values_list("seq", "hash").first()
+    end = upto if upto is not None else (head[0] if head else None)
+    records = AuditRecord.objects.order_by("seq")
+    if end is not None:
+        records = records.filter(seq__lte=end)
+    checked, matched = 0, 0
+
+    if start is not None:  # the segment after the latest checkpoint
+        if head is None or head[0] < start.seq:
+            ends = head[0] if head else 0
+            return VerifyResult(
+                False,
+                0,
+                ends,
+                head[1] if head else GENESIS_HASH,
+                f"checkpoint #{start.seq} lies beyond the chain's end #{ends}: "
+                "records were cut from its tail",
+            )
+        at_start = AuditRecord.objects.filter(seq=start.seq).values_list("hash", flat=True)
+        if at_start and at_start[0] != start.hash:
+            return VerifyResult(
+                False,
+                0,
+                start.seq - 1,
+                "",
+                f"#{start.seq} differs from its signed checkpoint: the chain was rewritten",
+            )
+        matched = len(at_start)
+        prev_hash, expected_seq = start.hash, start.seq + 1
+        records = records.filter(seq__gt=start.seq)
+    else:
+        first = AuditRecord.objects.order_by("seq").values_list("seq", "prev_hash").first()
+        if first is None or first[0] == 1:
+            prev_hash, expected_seq = GENESIS_HASH, 1
+        else:  # pruned: the first remaining record links to the checkpoint written before
+            before = first[0] - 1
+            if before not in anchors and (late := checkpoint_at(before)) is not None:
+                anchors[before] = late.hash  # written by a pruning that ended meanwhile
+            if before not in anchors:
+                return VerifyResult(
+                    False,
+                    0,
+                    before,
+                    "",
+                    f"records up to #{before} are gone and no valid signed checkpoint of "
+                    f"#{before} vouches for #{first[0]}",
+                )
+            if anchors[before] != first[1]:
+                return VerifyResult(
+                    False,
+                    0,
+                    before,
+                    anchors[before],
+                    f"#{first[0]} does not link to the signed checkpoint of #{before}",
+                )
+            prev_hash, expected_seq = anchors[before], first[0]
+            matched = 1
+    first_seq = expected_seq
 
     def broken(message: str) -> VerifyResult:
-        return VerifyResult(False, checked, expected_seq - 1, prev_hash, message)
+        return VerifyResult(
+            False, checked, expected_seq - 1, prev_hash, message, first_seq, matched
+        )
 
-    for record in AuditRecord.objects.order_by("seq").iterator(chunk_size=chunk_size):
+    for record in records.iterator(chunk_size=chunk_size):
         if record.seq != expected_seq:
             return broken(f"sequence gap: expected #{expected_seq}, found #{record.seq}")
         if record.prev_hash != prev_hash:
@@ -159,13 +404,31 @@ def ledger_verify(*, chunk_size: int = 2000) -> VerifyResult:
             actor_user_id=record.actor_user_id,
             verb=record.verb,
             payload=record.payload,
-            **{field: getattr(record, field) for field in REFERENCE_FIELDS},
+            **{field: getattr(record, field) for field in REFERENCE_FIELDS + SEARCH_FIELDS},
         )
         if digest != record.hash:
             return broken(f"#{record.seq} was altered: its hash does not match its content")
+        if record.seq in anchors:
+            if anchors[record.seq] != record.hash:
+                return broken(
+                    f"#{record.seq} differs from its signed checkpoint: the chain was rewritten"
+                )
+            matched += 1
         prev_hash, expected_seq, checked = record.hash, expected_seq + 1, checked + 1
 
-    head = LedgerHead.objects.filter(pk=1).first()
-    if head is not None and (head.seq, head.hash) != (expected_seq - 1, prev_hash):
-        return broken(f"the chain ends at #{expected_seq - 1} but its head says #{head.seq}")
-    return VerifyResult(True, checked, expected_seq - 1, prev_hash)
+    last_seq = expected_seq - 1
+    if upto is not None:
+        if last_seq != upto:
+            return broken(f"the chain ends at #{last_seq}, before #{upto}")
+    else:
+        if head is not None and (head[0], head[1]) != (last_seq, prev_hash):
+            return broken(f"the chain ends at #{last_seq} but its head says #{head[0]}")
+        beyond = [seq for seq in anchors if seq > last_seq]
+        if beyond:
+            return broken(
+                f"checkpoint #{max(beyond)} lies beyond the chain's end #{last_seq}: "
+                "records were cut from its tail"
+            )
+    if problems:
+        return broken("; ".join(problems))
+    return VerifyResult(True, checked, last_seq, prev_hash, "", first_seq, matched)

@@ -1,4 +1,5 @@
 from django.db import models
+from django.utils import timezone
 
 GENESIS_HASH = "0" * 64
 
@@ -35,6 +36,14 @@ class AuditRecord(models.Model):
     )
     object_type = models.CharField(max_length=60, blank=True, default="")
     object_id = models.CharField(max_length=64, blank=True, default="")
+    # What auditors search by, kept in columns so the search is indexed (and hashed, like all).
+    workflow = models.CharField(max_length=100, blank=True, default="")
+    tool = models.CharField(max_length=120, blank=True, default="")
+    outcome = models.CharField(
+        max_length=20, blank=True, default="", help_text="allow, ask, deny, approve, reject..."
+    )
+    risk = models.PositiveSmallIntegerField(null=True, blank=True, help_text="risk score 0-100")
+    reason = models.TextField(blank=True, default="", help_text="the rule's or reviewer's words")
     payload = models.TextField(help_text="canonical JSON")
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
@@ -43,7 +52,14 @@ class AuditRecord(models.Model):
 
     class Meta:
         ordering = ["seq"]
-        indexes = [models.Index(fields=["at"], name="audit_at_idx")]
+        indexes = [
+            models.Index(fields=["at"], name="audit_at_idx"),
+            models.Index(fields=["agent_id", "seq"], name="audit_agent_seq_idx"),
+            models.Index(fields=["workflow", "seq"], name="audit_workflow_seq_idx"),
+            models.Index(fields=["tool", "seq"], name="audit_tool_seq_idx"),
+            models.Index(fields=["outcome", "seq"], name="audit_outcome_seq_idx"),
+            models.Index(fields=["actor", "seq"], name="audit_actor_seq_idx"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.verb} by {self.actor}"
@@ -67,3 +83,26 @@ class LedgerHead(models.Model):
 
     def __str__(self) -> str:
         return f"ledger head #{self.seq}"
+
+
+class LedgerVerification(models.Model):
+    """One run of the chain's verification: by beat (the segment since the last checkpoint) or
+    by ``audit_verify`` (the whole chain and every checkpoint)."""
+
+    SOURCES = [("beat", "beat"), ("command", "command")]
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    ok = models.BooleanField()
+    source = models.CharField(max_length=10, choices=SOURCES)
+    checked = models.PositiveBigIntegerField(default=0, help_text="records checked")
+    first_seq = models.PositiveBigIntegerField(null=True, blank=True)
+    last_seq = models.PositiveBigIntegerField(null=True, blank=True)
+    last_hash = models.CharField(max_length=64, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        state = "intact" if self.ok else "BROKEN"
+        return f"ledger {state} at {self.at:%Y-%m-%d %H:%M} ({self.source})"

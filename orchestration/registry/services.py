@@ -35,6 +35,7 @@ def tool_update_risk(*, tool: Tool, by, **changes: Any) -> Tool:
         ledger_append(
             "tool.risk_changed",
             actor=by,
+            tool=locked.name,
             object_type="tool",
             object_id=locked.name,
             payload={"tool": locked.name, "changes": diff},

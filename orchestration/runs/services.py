@@ -99,6 +99,8 @@ def run_start(
             actor=started_by or "system",
             run_id=run.pk,
             agent_id=agent.pk if agent else None,
+            workflow=definition.name,
+            outcome="created",
             payload={"workflow": definition.name, "version": definition.version, "input": input},
         )
         enqueue_on_commit(run.pk)
@@ -144,6 +146,8 @@ def run_start_child(*, parent: Run, step_seq: int, agent: Agent, goal: str, cont
             actor="engine",
             run_id=child.pk,
             agent_id=agent.pk,
+            workflow="_agent.task",
+            outcome="created",
             payload={"workflow": "_agent.task", "parent": parent.pk},
         )
         enqueue_on_commit(child.pk)
@@ -184,6 +188,9 @@ def run_halt(*, run: Run | int, by, reason: str) -> Run:
             actor=by,
             run_id=run_id,
             agent_id=locked.agent_id,
+            workflow=locked.workflow,
+            outcome="halted",
+            reason=reason,
             payload={"reason": reason},
         )
         get_gate().cancel_run(run_id, by=label, reason=reason)
@@ -224,6 +231,8 @@ def run_retry(*, run: Run | int, by) -> Run:
             actor=by,
             run_id=run_id,
             agent_id=locked.agent_id,
+            workflow=locked.workflow,
+            outcome="retried",
             payload={
                 "from_step": failed.seq if failed else None,
                 "previous_error": locked.error[:2000],
@@ -235,8 +244,14 @@ def run_retry(*, run: Run | int, by) -> Run:
 
 
 def run_resume(*, run_id: int, note: str = "") -> None:
-    """Something the run waits for has happened (a decision, an answer): advance it now."""
+    """Something the run waits for has happened (a decision, an answer): advance it now.
+
+    The run is also marked due (``wake_at``): a worker that still holds its lease, about to
+    suspend it, sees the mark and enqueues it again, and beat's sweep catches it should that
+    message be lost; otherwise the decision could land between a worker opening the request
+    and suspending the run, and nothing would wake it."""
     with transaction.atomic():
+        Run.objects.filter(pk=run_id).exclude(status__in=FINAL).update(wake_at=timezone.now())
         if note:
             Event.objects.create(run_id=run_id, kind="run.resumed", message=note)
         enqueue_on_commit(run_id)

@@ -95,3 +95,28 @@ async def test_group_message_round_trips_through_channels_redis(redis_url):
     assert message == {"type": "run.changed", "run_id": 42}
     await layer.group_discard("runs.42", channel)
     await layer.flush()
+
+
+@pytest.mark.redis
+def test_an_idle_listener_outlives_the_redis_clients_read_timeout(redis_url):
+    """A websocket with nothing to receive blocks in channels-redis's 5 s pops; the project's
+    channel layer settings keep the Redis client's read timeout above that."""
+    from config import settings as project
+
+    config = project.CHANNEL_LAYERS["default"]["CONFIG"]
+    hosts = [{**host, "address": redis_url} for host in config["hosts"]]
+
+    async def idle() -> None:
+        layer = RedisChannelLayer(hosts=hosts)
+        channel = await layer.new_channel()
+        try:
+            with pytest.raises(TimeoutError):  # ours, not the Redis client's
+                await asyncio.wait_for(layer.receive(channel), timeout=6.5)
+            await layer.send(channel, {"type": "still.listening"})
+            assert await asyncio.wait_for(layer.receive(channel), timeout=2) == {
+                "type": "still.listening"
+            }
+        finally:
+            await layer.close_pools()
+
+    asyncio.run(idle())

@@ -7,6 +7,7 @@ import pytest
 
 from orchestration.demo.models import InfraChange
 from orchestration.engine.errors import ActionDenied, ActionRejected, NonRetryable, StepFailed
+from orchestration.engine.runner import run_advance
 from orchestration.gate import Answer, Verdict
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.models import AuditRecord
@@ -466,3 +467,30 @@ def test_the_sweep_enqueues_a_due_run_once_until_a_worker_takes_it(gate):
     assert sweep_runs() == 0  # its message is still on the way
     drive(run.pk)  # a worker takes it: the next timer may be swept again at once
     assert Run.objects.get(pk=run.pk).swept_at is None
+
+
+def test_a_decision_made_while_the_worker_still_holds_the_run_is_not_lost(gate):
+    """The reviewer decides between the gate opening the request and the worker suspending the
+    run: the resume's message finds the lease taken, so the suspend must see it and go again."""
+    from orchestration.tasks import sweep_runs
+
+    original = gate.review
+
+    def review_then_decided_at_once(self, action, *, run_id, step_seq):
+        verdict = original(self, action, run_id=run_id, step_seq=step_seq)
+        if verdict.outcome == "pending":
+            gate.verdicts["test.effect"] = Verdict("approved")
+            run_resume(run_id=run_id, note="approved within the worker's slice")
+        return verdict
+
+    gate.verdicts["test.effect"] = Verdict("pending")
+    gate.review = review_then_decided_at_once
+    try:
+        run = run_start(workflow="test.gated", input={})
+        run_advance(run.pk)  # asks, is decided meanwhile, suspends
+        run = Run.objects.get(pk=run.pk)
+        assert (run.status, run.lease_owner) == ("waiting", "")
+        assert sweep_runs() == 1  # still due: beat would wake it even if the message were lost
+        assert drive(run.pk).status == "completed"
+    finally:
+        gate.review = original

@@ -1,0 +1,82 @@
+"""Retention: records older than ``BATON_AUDIT_RETENTION_DAYS`` are deleted, after a signed
+checkpoint of the last deleted record vouches for the first one kept.
+
+Deleting goes through the database's one exit for it: on PostgreSQL the append-only trigger
+allows DELETE only of rows below ``baton.ledger_prune_below``, set for this transaction alone.
+The ORM's guard stays: nothing else deletes records.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from orchestration.ledger.chain import ledger_verify
+from orchestration.ledger.checkpoints import (
+    Checkpoint,
+    checkpoint_at,
+    remove_checkpoints_below,
+    write_checkpoint,
+)
+from orchestration.ledger.models import AuditRecord, LedgerError, LedgerVerification
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    deleted: int
+    keep_from: int | None  # the first record kept (the boundary), if any was considered
+    checkpoint: Checkpoint | None  # the checkpoint of keep_from - 1, written before deleting
+
+
+def ledger_prune(*, retention_days: int | None = None, now: datetime | None = None) -> PruneResult:
+    """Delete the records older than the retention period (and the recorded verification runs
+    older than it); the chain's last record always stays.
+
+    First verifies what is about to go (intact, anchored, linked to the first record kept), then
+    writes and reads back the signed checkpoint of the last record to go, then deletes. Raises
+    ``LedgerError`` (or ``CheckpointError``) and deletes nothing if any step fails.
+    """
+    days = settings.BATON_AUDIT_RETENTION_DAYS if retention_days is None else retention_days
+    if days <= 0:
+        return PruneResult(0, None, None)
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    LedgerVerification.objects.filter(at__lt=cutoff).delete()  # the runs' own records go too
+    seqs = AuditRecord.objects.values_list("seq", flat=True)
+    first, last = seqs.order_by("seq").first(), seqs.order_by("-seq").first()
+    if first is None:
+        return PruneResult(0, None, None)
+    keep_from = seqs.filter(at__gte=cutoff).order_by("seq").first() or last
+    if keep_from <= first:
+        return PruneResult(0, keep_from, None)
+
+    verified = ledger_verify(upto=keep_from - 1)
+    if not verified.ok:
+        raise LedgerError(f"Refused to prune: the ledger is broken: {verified.error}")
+    link = AuditRecord.objects.filter(seq=keep_from).values_list("prev_hash", flat=True).first()
+    if link != verified.last_hash:
+        raise LedgerError(f"Refused to prune: #{keep_from} does not link to #{keep_from - 1}")
+
+    checkpoint = write_checkpoint(keep_from - 1, verified.last_hash)
+    written = checkpoint_at(keep_from - 1)
+    if written is None or written.hash != verified.last_hash:
+        raise LedgerError(f"Refused to prune: the checkpoint of #{keep_from - 1} did not stick")
+
+    deleted = _delete_below(keep_from)
+    remove_checkpoints_below(keep_from - 1)
+    return PruneResult(deleted, keep_from, checkpoint)
+
+
+def _delete_below(boundary: int) -> int:
+    table = connection.ops.quote_name(AuditRecord._meta.db_table)
+    with transaction.atomic(), connection.cursor() as cursor:
+        postgres = connection.vendor == "postgresql"
+        if postgres:
+            exit_ = "SELECT set_config('baton.ledger_prune_below', %s, true)"
+            cursor.execute(exit_, [str(boundary)])
+        cursor.execute(f"DELETE FROM {table} WHERE seq < %s", [boundary])  # noqa: S608
+        deleted = cursor.rowcount
+        if postgres:  # the exit closes at once, not only when the transaction ends
+            cursor.execute("SELECT set_config('baton.ledger_prune_below', '', true)")
+    return deleted

@@ -1,0 +1,156 @@
+"""Pruning records past their retention period, anchored by a signed checkpoint."""
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from orchestration.ledger.chain import ledger_verify
+from orchestration.ledger.checkpoints import CheckpointError, checkpoint_path
+from orchestration.ledger.models import AuditRecord, LedgerError, LedgerVerification
+from orchestration.ledger.retention import ledger_prune
+from orchestration.tasks import ledger_checkpoint
+from orchestration.tasks import ledger_prune as ledger_prune_task
+from tests.orchestration.ledger.conftest import append_many, backdate, tamper
+
+pytestmark = pytest.mark.django_db
+
+DAYS = 183
+
+
+def old_and_new(old: int, new: int):
+    """``old`` records, then ``new`` ones; returns the time between them as if it were the
+    retention period ago (``now`` for pruning)."""
+    append_many(old)
+    time.sleep(0.002)
+    middle = timezone.now()
+    time.sleep(0.002)
+    append_many(new)
+    return middle + timedelta(days=DAYS)
+
+
+def seqs() -> list[int]:
+    return list(AuditRecord.objects.values_list("seq", flat=True))
+
+
+def test_pruning_deletes_old_records_and_verification_stays_green(checkpoint_dir):
+    now = old_and_new(5, 3)
+    ledger_checkpoint()  # an older checkpoint, #8
+    old_run = LedgerVerification.objects.create(
+        ok=True, source="beat", at=now - timedelta(days=DAYS + 1)
+    )
+
+    result = ledger_prune(retention_days=DAYS, now=now)
+    assert not LedgerVerification.objects.filter(pk=old_run.pk).exists()
+    assert LedgerVerification.objects.count() == 1  # beat's run above
+
+    assert (result.deleted, result.keep_from, result.checkpoint.seq) == (5, 6, 5)
+    assert seqs() == [6, 7, 8]
+    assert checkpoint_path(5).exists()
+    verified = ledger_verify()
+    assert verified.ok, verified.error
+    assert (verified.first_seq, verified.checked, verified.checkpoints) == (6, 3, 2)
+    call_command("audit_verify")
+
+    # The chain goes on from where it was, and beat keeps checkpointing it.
+    append_many(2)
+    assert ledger_checkpoint() is True
+    assert ledger_verify().ok
+    assert ledger_verify().last_seq == 10
+
+
+def test_pruning_again_moves_the_anchor_and_drops_older_checkpoints(checkpoint_dir):
+    now = old_and_new(3, 3)
+    ledger_prune(retention_days=DAYS, now=now)
+    ledger_checkpoint()  # #6
+    time.sleep(0.002)
+    later = timezone.now()
+    time.sleep(0.002)
+    append_many(2)
+
+    result = ledger_prune(retention_days=DAYS, now=later + timedelta(days=DAYS))
+
+    assert (result.deleted, result.keep_from) == (3, 7)
+    assert seqs() == [7, 8]
+    assert [path.name for path in sorted(checkpoint_dir.glob("*.json"))] == [
+        "checkpoint-00000000000000000006.json"
+    ]
+    assert ledger_verify().ok
+
+
+def test_the_last_record_always_stays(checkpoint_dir):
+    append_many(4)
+    result = ledger_prune(retention_days=DAYS, now=timezone.now() + timedelta(days=DAYS + 1))
+    assert (result.deleted, result.keep_from) == (3, 4)
+    assert seqs() == [4]
+    assert ledger_verify().ok
+
+
+def test_nothing_is_pruned_within_retention_or_with_retention_off(checkpoint_dir):
+    append_many(3)
+    assert ledger_prune(retention_days=DAYS).deleted == 0
+    assert ledger_prune(retention_days=0, now=timezone.now() + timedelta(days=999)).deleted == 0
+    assert seqs() == [1, 2, 3]
+    assert not checkpoint_dir.exists()
+
+
+def test_pruning_refuses_to_delete_without_a_checkpoint(checkpoint_dir):
+    now = old_and_new(3, 2)
+    checkpoint_dir.write_text("not a folder")  # the checkpoint cannot be written
+
+    with pytest.raises(CheckpointError, match="cannot write checkpoint"):
+        ledger_prune(retention_days=DAYS, now=now)
+    assert seqs() == [1, 2, 3, 4, 5]
+    backdate(4, timezone.now() - timedelta(days=DAYS + 1))
+    with pytest.raises(CommandError, match="cannot write checkpoint"):
+        call_command("audit_prune")
+    assert seqs() == [1, 2, 3, 4, 5]
+
+
+def test_pruning_refuses_a_broken_chain(checkpoint_dir):
+    now = old_and_new(3, 2)
+    tamper("UPDATE orchestration_auditrecord SET actor = %s WHERE seq = 2", ["mallory"])
+
+    with pytest.raises(LedgerError, match="Refused to prune: the ledger is broken: #2 was altered"):
+        ledger_prune(retention_days=DAYS, now=now)
+    assert seqs() == [1, 2, 3, 4, 5]
+    assert not checkpoint_dir.exists()
+
+
+def test_a_pruned_chain_without_its_checkpoint_fails_verification(checkpoint_dir):
+    now = old_and_new(3, 2)
+    ledger_prune(retention_days=DAYS, now=now)
+    checkpoint_path(3).unlink()
+
+    result = ledger_verify()
+    assert not result.ok
+    assert "records up to #3 are gone and no valid signed checkpoint of #3" in result.error
+
+
+def test_deleting_old_records_by_hand_is_caught(checkpoint_dir):
+    append_many(4)
+    tamper("DELETE FROM orchestration_auditrecord WHERE seq < 3")
+    with pytest.raises(CommandError, match="records up to #2 are gone"):
+        call_command("audit_verify")
+
+
+def test_audit_prune_command_and_beat_task(checkpoint_dir, settings, capsys):
+    append_many(6)
+    call_command("audit_prune")
+    assert "Nothing to prune." in capsys.readouterr().out
+
+    backdate(3, timezone.now() - timedelta(days=DAYS + 1))
+    call_command("audit_prune")
+    out = capsys.readouterr().out
+    assert "Pruned 2 records below #3; signed checkpoint of #2" in out
+    assert seqs() == [3, 4, 5, 6]
+
+    backdate(5, timezone.now() - timedelta(days=31))
+    settings.BATON_AUDIT_RETENTION_DAYS = 0
+    assert ledger_prune_task() == 0
+    settings.BATON_AUDIT_RETENTION_DAYS = 30
+    assert ledger_prune_task() == 2
+    assert seqs() == [5, 6]
+    call_command("audit_verify")
