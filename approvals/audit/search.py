@@ -117,7 +117,7 @@ class AuditFilterForm(forms.Form):
     ``__init__``."""
 
     agent = forms.CharField(required=False, max_length=80)
-    workflow = forms.CharField(required=False, max_length=100)
+    workflow = forms.CharField(required=False, max_length=120)
     tool = forms.CharField(required=False, max_length=120)
     actor = forms.CharField(required=False, max_length=150, label="Reviewer or actor")
     outcome = forms.RegexField(

@@ -137,30 +137,33 @@ def audience(filters: QueueFilters, teams: frozenset[str], claimant: int | None)
 
 def _render_shared(connections: list[QueueConsumer]) -> list[Rendered | None] | None:
     """The queue connections' renders, one per audience (None for one whose representative
-    lost its role meanwhile: it renders on its own); None for all if a claim came or went while
-    rendering, or if the permissions cannot be read for many viewers at once (an authentication
-    backend other than Django's model backend)."""
+    lost its role meanwhile: it renders on its own); None for all if a role, team or claim
+    changed while rendering, or if the permissions cannot be read for many viewers at once (an
+    authentication backend other than Django's model backend)."""
     backends = get_backends()
     if len(backends) != 1 or type(backends[0]) is not ModelBackend:
         return None
     open_claims = ApprovalRequest.objects.filter(status__in=OPEN, claimed_by__isnull=False)
-    viewers = (
-        get_user_model()
-        .objects.with_perm(REVIEW, is_active=True, include_superusers=True)
-        .filter(pk__in={c.user_id for c in connections})
-        .annotate(claiming=Exists(open_claims.filter(claimed_by=OuterRef("pk"))))
-        .values_list("pk", "reviewer_teams__name", "claiming")
-    )
-    teams: dict[int, set[str]] = {}  # the viewers who may review: their teams
-    claiming: set[int] = set()
-    for user_id, team, claims in viewers:
-        teams.setdefault(user_id, set()).update([team] if team else [])
-        if claims:
-            claiming.add(user_id)
+    user_ids = {c.user_id for c in connections}
 
-    def claimants() -> set[int]:
-        mine = open_claims.filter(claimed_by__in=list(teams))
-        return set(mine.values_list("claimed_by", flat=True))
+    def who_sees_what() -> tuple[dict[int, set[str]], set[int]]:
+        """The viewers who may review, with their teams, and those who hold a claim."""
+        viewers = (
+            get_user_model()
+            .objects.with_perm(REVIEW, is_active=True, include_superusers=True)
+            .filter(pk__in=user_ids)
+            .annotate(claiming=Exists(open_claims.filter(claimed_by=OuterRef("pk"))))
+            .values_list("pk", "reviewer_teams__name", "claiming")
+        )
+        teams: dict[int, set[str]] = {}
+        claiming: set[int] = set()
+        for user_id, team, claims in viewers:
+            teams.setdefault(user_id, set()).update([team] if team else [])
+            if claims:
+                claiming.add(user_id)
+        return teams, claiming
+
+    teams, claiming = who_sees_what()
 
     renders: dict[tuple, dict[str, str] | None] = {}
     chosen: list[dict[str, str] | int | None] = []
@@ -175,8 +178,8 @@ def _render_shared(connections: list[QueueConsumer]) -> list[Rendered | None] | 
             probe = LiveQueue(filters)  # a full re-read under this viewer's permissions
             renders[key] = probe.sent if probe.update(user_id, set()) is not None else None
         chosen.append(renders[key])  # None: the viewer rendered lost its role meanwhile
-    if claimants() != claiming:  # a claim came or went while rendering: each on its own
-        return None
+    if who_sees_what() != (teams, claiming):
+        return None  # a role, a team or a claim changed while rendering: each on its own
     results: list[Rendered | None] = []
     for connection, fragments in zip(connections, chosen, strict=True):
         if fragments is None or isinstance(fragments, int):

@@ -14,7 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from approvals.queue.models import OPEN, ApprovalRequest, RequestKind, RequestStatus
-from approvals.queue.services import requests_close_for_run
+from approvals.queue.services import lock_run_of, requests_close_for_run
 from orchestration.broadcast import broadcast
 from orchestration.ledger.chain import ledger_append
 from orchestration.runs.services import RunError, run_halt, run_resume
@@ -95,6 +95,7 @@ def request_expire(request_id: int, *, now=None) -> str | None:
     approved, escalated, halted), or None if it was decided or extended meanwhile."""
     now = now or timezone.now()
     with transaction.atomic():
+        lock_run_of(request_id)
         locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
         if locked.status not in OPEN or locked.deadline is None or locked.deadline > now:
             return None

@@ -172,6 +172,14 @@ def _check_separation_of_duties(request: ApprovalRequest, reviewer) -> None:
         raise PermissionDenied("You own this agent; another reviewer must decide.")
 
 
+def lock_run_of(request_id: int) -> None:
+    """Lock the request's run first. Deciding, expiring and halting all lock the run, the
+    request and the ledger's head; taking them in that order everywhere keeps a decision and a
+    concurrent halt of the same run from deadlocking."""
+    run_id = ApprovalRequest.objects.values_list("run_id", flat=True).get(pk=request_id)
+    list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
+
+
 def approval_decide(
     *,
     request: ApprovalRequest | int,
@@ -198,6 +206,7 @@ def approval_decide(
     request_id = request if isinstance(request, int) else request.pk
     resume = False
     with transaction.atomic():
+        lock_run_of(request_id)
         locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
         _check_team(locked, reviewer)
         if locked.status not in OPEN:

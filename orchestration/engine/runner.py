@@ -36,7 +36,7 @@ def run_claim(run_id: int) -> str | None:
         Run.objects.filter(pk=run_id, status__in=CLAIMABLE)
         .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
         .filter(Q(wake_at__isnull=True) | Q(wake_at__lte=now))
-        .update(lease_owner=token, lease_expires_at=lease_expiry(now), swept_at=None)
+        .update(lease_owner=token, lease_expires_at=lease_expiry(now), swept_at=None, wake_at=None)
     )
     return token if claimed else None
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 from orchestration.canonical import CanonicalError, canonical_json, sha256_hex
 from orchestration.ledger.actor import current_actor
 from orchestration.ledger.checkpoints import (
+    PRUNE,
     Checkpoint,
     CheckpointError,
     checkpoint_at,
@@ -274,10 +275,11 @@ def ledger_verify(
     """Walk the chain in order and stop at the first broken link.
 
     By default the whole chain: from #1 or, once pruned, from the first remaining record, which
-    must link to a valid signed checkpoint of the record before it. Every checkpoint must match
-    the record at its sequence (so a chain rewritten with every hash recomputed is caught), none
-    may lie beyond the chain's end (a cut tail), and every file in the checkpoint folder must be
-    a validly signed checkpoint.
+    must link to a valid signed prune checkpoint of the record before it (a periodic one, or a
+    checkpoint of a record further back, only shows that records were deleted). Every checkpoint
+    must match the record at its sequence (so a chain rewritten with every hash recomputed is
+    caught), none may lie beyond the chain's end (a cut tail), and every file in the checkpoint
+    folder must be a validly signed checkpoint.
 
     ``since_last_checkpoint``: only the records after the latest checkpoint, which must link to
     it (beat's periodic check). ``upto``: stop after that record and skip the checks of the
@@ -288,12 +290,12 @@ def ledger_verify(
     try:
         if since_last_checkpoint:
             start = latest_checkpoint()
-            anchors = {start.seq: start.hash} if start else {}
+            anchors = {start.seq: start} if start else {}
             problems: list[str] = []
         else:
             start = None
             checkpoints, problems = read_checkpoints()
-            anchors = {checkpoint.seq: checkpoint.hash for checkpoint in checkpoints}
+            anchors = {checkpoint.seq: checkpoint for checkpoint in checkpoints}
     except CheckpointError as exc:
         return VerifyResult(False, 0, 0, "", str(exc))
     with _snapshot():
@@ -316,7 +318,7 @@ def _snapshot() -> Iterator[None]:
 
 def _walk(
     start: Checkpoint | None,
-    anchors: dict[int, str],
+    anchors: dict[int, Checkpoint],
     problems: list[str],
     upto: int | None,
     chunk_size: int,
@@ -355,28 +357,35 @@ def _walk(
         first = AuditRecord.objects.order_by("seq").values_list("seq", "prev_hash").first()
         if first is None or first[0] == 1:
             prev_hash, expected_seq = GENESIS_HASH, 1
-        else:  # pruned: the first remaining record links to the checkpoint written before
+        else:  # pruned: the first remaining record links to the checkpoint pruning wrote
             before = first[0] - 1
-            if before not in anchors and (late := checkpoint_at(before)) is not None:
-                anchors[before] = late.hash  # written by a pruning that ended meanwhile
-            if before not in anchors:
-                return VerifyResult(
-                    False,
-                    0,
-                    before,
-                    "",
-                    f"records up to #{before} are gone and no valid signed checkpoint of "
-                    f"#{before} vouches for #{first[0]}",
+            if (before not in anchors or anchors[before].kind != PRUNE) and (
+                late := checkpoint_at(before)
+            ) is not None:
+                anchors[before] = late  # written by a pruning that ended meanwhile
+            anchor = anchors.get(before)
+            if anchor is None or anchor.kind != PRUNE:
+                # Pruning writes its checkpoint before deleting and removes the ones below it:
+                # a periodic checkpoint anchors no cut, and older ones vouch for deleted records.
+                which = "valid" if anchor is None else "pruning's"
+                error = (
+                    f"records up to #{before} are gone and no {which} signed checkpoint of "
+                    f"#{before} vouches for #{first[0]}"
                 )
-            if anchors[before] != first[1]:
+                if anchor is not None:
+                    error += f": the checkpoint of #{before} is a periodic one"
+                if older := [seq for seq in anchors if seq < before]:
+                    error += f" (checkpoint #{max(older)} vouches for records that are gone)"
+                return VerifyResult(False, 0, before, "", error)
+            if anchor.hash != first[1]:
                 return VerifyResult(
                     False,
                     0,
                     before,
-                    anchors[before],
+                    anchor.hash,
                     f"#{first[0]} does not link to the signed checkpoint of #{before}",
                 )
-            prev_hash, expected_seq = anchors[before], first[0]
+            prev_hash, expected_seq = anchor.hash, first[0]
             matched = 1
     first_seq = expected_seq
 
@@ -409,7 +418,7 @@ def _walk(
         if digest != record.hash:
             return broken(f"#{record.seq} was altered: its hash does not match its content")
         if record.seq in anchors:
-            if anchors[record.seq] != record.hash:
+            if anchors[record.seq].hash != record.hash:
                 return broken(
                     f"#{record.seq} differs from its signed checkpoint: the chain was rewritten"
                 )

@@ -37,7 +37,7 @@ class AuditRecord(models.Model):
     object_type = models.CharField(max_length=60, blank=True, default="")
     object_id = models.CharField(max_length=64, blank=True, default="")
     # What auditors search by, kept in columns so the search is indexed (and hashed, like all).
-    workflow = models.CharField(max_length=100, blank=True, default="")
+    workflow = models.CharField(max_length=120, blank=True, default="")
     tool = models.CharField(max_length=120, blank=True, default="")
     outcome = models.CharField(
         max_length=20, blank=True, default="", help_text="allow, ask, deny, approve, reject..."

@@ -1,9 +1,12 @@
 """Retention: records older than ``BATON_AUDIT_RETENTION_DAYS`` are deleted, after a signed
-checkpoint of the last deleted record vouches for the first one kept.
+prune checkpoint of the last deleted record vouches for the first one kept (only a prune
+checkpoint anchors a pruned chain; the checkpoints below it are removed).
 
 Deleting goes through the database's one exit for it: on PostgreSQL the append-only trigger
 allows DELETE only of rows below ``baton.ledger_prune_below``, set for this transaction alone.
-The ORM's guard stays: nothing else deletes records.
+The ORM's guard stays: nothing else deletes records. Any session can set that exit, so it stops
+mistakes, not someone with database access: records deleted without a prune checkpoint at the
+boundary fail verification.
 """
 
 from dataclasses import dataclass
@@ -15,6 +18,7 @@ from django.utils import timezone
 
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.checkpoints import (
+    PRUNE,
     Checkpoint,
     checkpoint_at,
     remove_checkpoints_below,
@@ -27,7 +31,7 @@ from orchestration.ledger.models import AuditRecord, LedgerError, LedgerVerifica
 class PruneResult:
     deleted: int
     keep_from: int | None  # the first record kept (the boundary), if any was considered
-    checkpoint: Checkpoint | None  # the checkpoint of keep_from - 1, written before deleting
+    checkpoint: Checkpoint | None  # the prune checkpoint of keep_from - 1, written before deleting
 
 
 def ledger_prune(*, retention_days: int | None = None, now: datetime | None = None) -> PruneResult:
@@ -35,7 +39,8 @@ def ledger_prune(*, retention_days: int | None = None, now: datetime | None = No
     older than it); the chain's last record always stays.
 
     First verifies what is about to go (intact, anchored, linked to the first record kept), then
-    writes and reads back the signed checkpoint of the last record to go, then deletes. Raises
+    writes and reads back the signed prune checkpoint of the last record to go (replacing a
+    periodic one of it), then deletes, then removes the checkpoints below it. Raises
     ``LedgerError`` (or ``CheckpointError``) and deletes nothing if any step fails.
     """
     days = settings.BATON_AUDIT_RETENTION_DAYS if retention_days is None else retention_days
@@ -58,9 +63,9 @@ def ledger_prune(*, retention_days: int | None = None, now: datetime | None = No
     if link != verified.last_hash:
         raise LedgerError(f"Refused to prune: #{keep_from} does not link to #{keep_from - 1}")
 
-    checkpoint = write_checkpoint(keep_from - 1, verified.last_hash)
+    checkpoint = write_checkpoint(keep_from - 1, verified.last_hash, kind=PRUNE)
     written = checkpoint_at(keep_from - 1)
-    if written is None or written.hash != verified.last_hash:
+    if written is None or (written.hash, written.kind) != (verified.last_hash, PRUNE):
         raise LedgerError(f"Refused to prune: the checkpoint of #{keep_from - 1} did not stick")
 
     deleted = _delete_below(keep_from)

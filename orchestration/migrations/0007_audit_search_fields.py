@@ -41,7 +41,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name="auditrecord",
             name="workflow",
-            field=models.CharField(blank=True, default="", max_length=100),
+            field=models.CharField(blank=True, default="", max_length=120),
         ),
         migrations.AddIndex(
             model_name="auditrecord",

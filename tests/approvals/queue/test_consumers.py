@@ -13,7 +13,7 @@ from django.test import Client
 from django.utils import timezone
 
 from approvals.queue.consumers import render_batch
-from approvals.queue.models import ApprovalRequest
+from approvals.queue.models import ApprovalRequest, ReviewerTeam
 from approvals.queue.selectors import QueueFilters
 from approvals.queue.services import QUEUE_GROUP, approval_claim
 from approvals.queue.views import LiveQueue
@@ -201,6 +201,28 @@ def test_shared_queue_renders_match_each_viewers_own():
     second = compare()
     assert second[0] and second[-2] == FORBIDDEN
     assert compare()[:-2] == [[]] * (len(viewers) - 2)  # nothing changed: nothing sent
+
+
+@pytest.mark.django_db
+def test_a_team_change_during_a_shared_render_does_not_leak_the_new_teams_requests(monkeypatch):
+    run = make_run()
+    make_request(run, seq=1, team="finance")
+    make_request(run, seq=2, team="operations")
+    alice, bob = member("alice", "operations"), member("bob", "operations")
+    original = LiveQueue.update
+
+    def update_after_alice_joins_finance(self, user_id, *args, **kwargs):
+        alice.reviewer_teams.add(ReviewerTeam.objects.get_or_create(name="finance")[0])  # meanwhile
+        return original(self, user_id, *args, **kwargs)
+
+    connections = [_Connection(LiveQueue(QueueFilters()), user.pk) for user in (alice, bob)]
+    monkeypatch.setattr(LiveQueue, "update", update_after_alice_joins_finance)
+    results = render_batch(connections)
+    monkeypatch.setattr(LiveQueue, "update", original)
+
+    bobs_own = LiveQueue(QueueFilters()).update(bob.pk, set())
+    assert results[1] == bobs_own
+    assert "req-1" not in "".join(results[1]) and "req-2" in "".join(results[1])
 
 
 @pytest.mark.django_db

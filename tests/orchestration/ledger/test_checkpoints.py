@@ -1,6 +1,8 @@
 """Signed checkpoints, beat's periodic verification, and ``audit_verify`` against them."""
 
 import json
+import os
+import threading
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -219,3 +221,94 @@ def test_a_celery_worker_runs_the_beat_task(checkpoint_dir, celery_worker, redis
     run = wait_for(recorded, timeout=30, what="the worker's verification run")
     assert (run.source, run.ok, run.checked, run.last_seq) == ("beat", True, 4, 4)
     assert json.loads(checkpoint_path(4).read_text())["hash"] == records[-1].hash
+
+
+def test_checkpoints_signed_before_a_secret_key_rotation_stay_valid(checkpoint_dir, settings):
+    settings.BATON_AUDIT_KEY = ""
+    old_secret = settings.SECRET_KEY
+    records = append_many(4)
+    write_checkpoint(2, records[1].hash)
+    assert ledger_verify().checkpoints == 1
+
+    settings.SECRET_KEY = "the-rotated-secret-key-" + "r" * 40
+    settings.SECRET_KEY_FALLBACKS = [old_secret]
+    verified = ledger_verify()
+    assert verified.ok, verified.error
+    write_checkpoint(4, records[3].hash)  # new checkpoints: signed with the current key
+    assert write_checkpoint(2, records[1].hash).at == read_checkpoints()[0][0].at
+    verified = ledger_verify()
+    assert verified.ok, verified.error
+    assert verified.checkpoints == 2
+
+    # Once the old key is dropped from the fallbacks, only the checkpoint signed with it fails.
+    settings.SECRET_KEY_FALLBACKS = []
+    valid, problems = read_checkpoints()
+    assert [checkpoint.seq for checkpoint in valid] == [4]
+    assert problems == [
+        "checkpoint checkpoint-00000000000000000002.json has an invalid signature: "
+        "it was altered or forged"
+    ]
+    # The fallbacks are SECRET_KEY's: with BATON_AUDIT_KEY set, only that key signs.
+    settings.SECRET_KEY_FALLBACKS = [old_secret]
+    settings.BATON_AUDIT_KEY = "the-audit-key-" + "k" * 30
+    assert len(read_checkpoints()[1]) == 2
+
+
+def test_a_concurrent_writer_of_the_same_checkpoint_is_no_error(checkpoint_dir, monkeypatch):
+    records = append_many(2)
+    fsync, started, raced = os.fsync, [], []
+
+    def fsync_after_another_writer(fd):
+        # Another writer (a second beat check) writes the same checkpoint in the meantime.
+        if not started:
+            started.append(fd)
+            raced.append(write_checkpoint(2, records[1].hash))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_after_another_writer)
+    written = write_checkpoint(2, records[1].hash)
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert (written.seq, written.hash) == (raced[0].seq, raced[0].hash) == (2, records[1].hash)
+    assert sorted(path.name for path in checkpoint_dir.iterdir()) == [
+        "checkpoint-00000000000000000002.json"
+    ]
+    assert ledger_verify().ok
+
+    # A concurrent writer of another hash for the same sequence is still an error.
+    started.clear()
+
+    def fsync_after_a_different_writer(fd):
+        if not started:
+            started.append(fd)
+            write_checkpoint(3, records[0].hash)
+        return fsync(fd)
+
+    append()
+    monkeypatch.setattr(os, "fsync", fsync_after_a_different_writer)
+    with pytest.raises(CheckpointError, match="already says #3 has hash"):
+        write_checkpoint(3, LedgerHead.objects.get().hash)
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert not [path for path in checkpoint_dir.iterdir() if path.suffix == ".partial"]
+
+
+def test_many_writers_of_the_same_checkpoint_at_once_all_succeed(checkpoint_dir):
+    records = append_many(3)
+    barrier, errors, results = threading.Barrier(8), [], []
+
+    def writer():
+        barrier.wait()
+        try:
+            results.append(write_checkpoint(3, records[2].hash))
+        except CheckpointError as exc:  # pragma: no cover - the defect
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert {(result.seq, result.hash) for result in results} == {(3, records[2].hash)}
+    assert sorted(path.name for path in checkpoint_dir.iterdir()) == [
+        "checkpoint-00000000000000000003.json"
+    ]

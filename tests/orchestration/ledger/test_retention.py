@@ -1,14 +1,26 @@
 """Pruning records past their retention period, anchored by a signed checkpoint."""
 
+import hashlib
+import hmac
+import json
 import time
 from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection, transaction
 from django.utils import timezone
 
+from orchestration.canonical import canonical_json
+from orchestration.ledger import last_verification
 from orchestration.ledger.chain import ledger_verify
-from orchestration.ledger.checkpoints import CheckpointError, checkpoint_path
+from orchestration.ledger.checkpoints import (
+    KEY_LABEL,
+    CheckpointError,
+    checkpoint_at,
+    checkpoint_path,
+    write_checkpoint,
+)
 from orchestration.ledger.models import AuditRecord, LedgerError, LedgerVerification
 from orchestration.ledger.retention import ledger_prune
 from orchestration.tasks import ledger_checkpoint
@@ -154,3 +166,97 @@ def test_audit_prune_command_and_beat_task(checkpoint_dir, settings, capsys):
     assert ledger_prune_task() == 2
     assert seqs() == [5, 6]
     call_command("audit_verify")
+
+
+def delete_through_the_prune_exit(below: int) -> None:
+    """``DELETE ... WHERE seq < below`` as any database session could: on PostgreSQL through
+    the trigger's pruning exit, a setting anyone may SET (SQLite has no trigger)."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT set_config('baton.ledger_prune_below', %s, true)", [str(below)])
+        cursor.execute("DELETE FROM orchestration_auditrecord WHERE seq < %s", [below])
+
+
+def test_deleting_the_oldest_records_up_to_a_periodic_checkpoint_is_caught(checkpoint_dir):
+    append_many(5)
+    assert ledger_checkpoint() is True  # beat's periodic checkpoint of #5
+    append_many(3)
+    assert ledger_checkpoint() is True  # and of #8
+    delete_through_the_prune_exit(6)
+    assert seqs() == [6, 7, 8]
+
+    result = ledger_verify()
+    assert not result.ok
+    assert "records up to #5 are gone" in result.error
+    assert "no pruning's signed checkpoint" in result.error
+    with pytest.raises(CommandError, match="records up to #5 are gone"):
+        call_command("audit_verify")
+    assert not last_verification().ok
+
+
+def test_deleting_up_to_a_record_below_a_periodic_checkpoint_is_caught(checkpoint_dir):
+    append_many(3)
+    ledger_checkpoint()  # periodic #3
+    append_many(3)
+    ledger_checkpoint()  # periodic #6
+    delete_through_the_prune_exit(5)
+
+    result = ledger_verify()
+    assert not result.ok
+    assert "records up to #4 are gone" in result.error
+    assert "checkpoint #3" in result.error
+
+
+def test_a_checkpoint_from_before_kinds_existed_is_periodic(checkpoint_dir, settings):
+    records = append_many(4)
+    key = hmac.new(settings.SECRET_KEY.encode(), KEY_LABEL, hashlib.sha256).digest()
+    at = "2025-01-01T00:00:00.000000+00:00"
+    text = canonical_json({"seq": 2, "hash": records[1].hash, "at": at}).encode()
+    signature = hmac.new(key, text, hashlib.sha256).hexdigest()
+    body = {"seq": 2, "hash": records[1].hash, "at": at, "signature": signature}
+    checkpoint_dir.mkdir()
+    checkpoint_path(2).write_text(json.dumps(body))
+    assert checkpoint_at(2).kind == "periodic"
+    assert ledger_verify().ok
+    assert ledger_verify().checkpoints == 1
+
+    delete_through_the_prune_exit(3)
+    assert "records up to #2 are gone" in ledger_verify().error
+
+    # Nor can the old file be passed off as a pruning's by adding the field.
+    checkpoint_path(2).write_text(json.dumps({**body, "kind": "prune"}))
+    assert checkpoint_at(2) is None
+    assert not ledger_verify().ok
+
+
+def test_pruning_at_a_periodic_checkpoint_makes_it_a_prune_checkpoint(checkpoint_dir):
+    now = old_and_new(5, 3)
+    assert ledger_checkpoint() is True  # periodic #8
+    write_checkpoint(5, AuditRecord.objects.get(seq=5).hash)  # periodic #5, the boundary
+    assert checkpoint_at(5).kind == "periodic"
+
+    result = ledger_prune(retention_days=DAYS, now=now)
+    assert (result.deleted, result.keep_from, result.checkpoint.kind) == (5, 6, "prune")
+    assert json.loads(checkpoint_path(5).read_text())["kind"] == "prune"
+    assert checkpoint_at(8).kind == "periodic"
+    verified = ledger_verify()
+    assert verified.ok, verified.error
+    assert (verified.first_seq, verified.checkpoints) == (6, 2)
+    # A periodic checkpoint never replaces the prune one.
+    assert write_checkpoint(5, result.checkpoint.hash).kind == "prune"
+
+
+def test_older_checkpoints_left_by_an_interrupted_pruning_are_anchored_by_it(
+    checkpoint_dir, monkeypatch
+):
+    append_many(2)
+    ledger_checkpoint()  # periodic #2
+    now = old_and_new(2, 2)
+    monkeypatch.setattr(
+        "orchestration.ledger.retention.remove_checkpoints_below", lambda seq: 0
+    )  # as if the pruning stopped right after deleting
+    assert ledger_prune(retention_days=DAYS, now=now).keep_from == 5
+    assert checkpoint_path(2).exists()
+    verified = ledger_verify()
+    assert verified.ok, verified.error
+    assert verified.first_seq == 5
