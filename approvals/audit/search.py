@@ -19,7 +19,7 @@ from django.db import connections
 from django.db.models import Func, Q, QuerySet
 from django.utils.http import urlencode
 
-from approvals.queue.selectors import BANDS
+from approvals.queue.selectors import BANDS, band_range
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
 
@@ -290,7 +290,7 @@ def audit_records(filters: AuditFilters) -> QuerySet[AuditRecord]:
     if filters.outcome:
         records = records.filter(outcome=filters.outcome)
     if filters.risk:
-        _, low, high = next(band for band in BANDS if band[0] == filters.risk)
+        low, high = band_range(filters.risk)
         records = records.filter(risk__gte=low, risk__lte=high)
     if filters.verb:
         records = _verb_filter(records, filters.verb)

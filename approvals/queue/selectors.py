@@ -22,6 +22,12 @@ def can_review(user) -> bool:
     return bool(user and user.is_active and user.has_perm(REVIEW))
 
 
+def band_range(band: str) -> tuple[int, int]:
+    """The lowest and highest risk score of a band (``low``, ``medium``, ``high``)."""
+    _, low, high = next(b for b in BANDS if b[0] == band)
+    return low, high
+
+
 def risk_band(score: int | None) -> str:
     score = score or 0
     for name, low, high in BANDS:
@@ -119,7 +125,7 @@ def queue_rows(user, filters: QueueFilters) -> list[ApprovalRequest]:
     if filters.team:
         requests = requests.filter(team=filters.team)
     if filters.risk:
-        _, low, high = next(b for b in BANDS if b[0] == filters.risk)
+        low, high = band_range(filters.risk)
         requests = requests.filter(risk_score__gte=low, risk_score__lte=high)
     now = timezone.now()
     rows = [decorate(r, user, now) for r in requests]
