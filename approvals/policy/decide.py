@@ -50,6 +50,8 @@ class Decision:
     obligations: dict[str, Any] | None = None
     policy_version: int = 0
     input: dict[str, Any] = field(default_factory=dict)
+    agent_id: int | None = None  # the agent acting, whose grants, rules and thresholds applied
+    agent_name: str = ""
 
 
 def _agent_record(agent_name: str) -> dict[str, Any]:
@@ -184,7 +186,10 @@ def _grant_problem(data: dict[str, Any], run: Run) -> str:
 def decide(action: Action, run: Run, *, policy: CompiledPolicy | None = None) -> Decision:
     policy = policy or current_policy()
     data = build_context(action, run, policy)
-    return decide_on(data, policy, run=run)
+    decision = decide_on(data, policy, run=run)
+    decision.agent_id = run.agent_id
+    decision.agent_name = run.agent.name if run.agent else ""
+    return decision
 
 
 def decide_on(data: dict[str, Any], policy: CompiledPolicy, *, run: Run | None = None) -> Decision:

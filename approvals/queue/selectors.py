@@ -9,8 +9,8 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.http import urlencode
 
+from approvals.access import visible_to
 from approvals.queue.models import OPEN, ApprovalRequest, RequestKind
-from approvals.queue.services import visible_to
 from approvals.roles import REVIEW
 from orchestration.registry.declare import RegistryError, get_tool
 

@@ -9,9 +9,9 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.utils import timezone
 
+from approvals.access import check_team
 from approvals.queue.models import OPEN, ApprovalRequest, Decision, RequestKind, RequestStatus
 from orchestration.broadcast import broadcast
 from orchestration.canonical import action_hash, args_diff, canonical_json, sha256_hex
@@ -50,26 +50,13 @@ def queue_changed(request_id: int) -> None:
     transaction.on_commit(lambda: broadcast(QUEUE_GROUP, "queue.changed", request_id=request_id))
 
 
-def visible_to(reviewer):
-    """The requests a reviewer may see and decide: their teams' (and their escalation teams'),
-    and those without a team."""
-    teams = list(reviewer.reviewer_teams.values_list("name", flat=True))
-    escalated = Q(status=RequestStatus.ESCALATED, obligations__escalation_team__in=teams)
-    return ApprovalRequest.objects.filter(Q(team="") | Q(team__in=teams) | escalated)
-
-
-def _check_team(request: ApprovalRequest, reviewer) -> None:
-    if not visible_to(reviewer).filter(pk=request.pk).exists():
-        raise PermissionDenied(f"This request is for the {request.team} team.")
-
-
 def approval_claim(*, request: ApprovalRequest | int, reviewer) -> ApprovalRequest:
     """Claim an open request for a while (``BATON_CLAIM_SECONDS``); another reviewer's live
     claim is a conflict. Claiming again renews it."""
     request_id = request if isinstance(request, int) else request.pk
     with transaction.atomic():
         locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
-        _check_team(locked, reviewer)
+        check_team(locked, reviewer)
         if locked.status not in OPEN:
             raise AlreadyDecided(locked)
         now = timezone.now()
@@ -208,7 +195,7 @@ def approval_decide(
     with transaction.atomic():
         lock_run_of(request_id)
         locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
-        _check_team(locked, reviewer)
+        check_team(locked, reviewer)
         if locked.status not in OPEN:
             raise AlreadyDecided(locked)
         now = timezone.now()

@@ -20,6 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from approvals.access import visible_to
 from approvals.policy.models import Grant
 from approvals.policy.services import grant_revoke
 from approvals.policy.similar import REVIEWER
@@ -32,7 +33,6 @@ from approvals.queue.services import (
     approval_claim,
     approval_decide,
     approval_release,
-    visible_to,
 )
 from approvals.roles import MANAGE_POLICY, REVIEW, role_required
 from orchestration.canonical import args_diff

@@ -121,7 +121,7 @@ def test_escalation_happens_once_then_the_request_is_denied(policy_gate, broadca
     # an operations reviewer now sees it
     ops = get_user_model().objects.create_user("ops")
     ReviewerTeam.objects.get_or_create(name="operations")[0].members.add(ops)
-    from approvals.queue.services import visible_to
+    from approvals.access import visible_to
 
     assert visible_to(ops).filter(pk=request.pk).exists()
 

@@ -10,6 +10,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import connections
 from django.utils import timezone
 
+from approvals.access import visible_to
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
 from approvals.queue.services import (
     AlreadyDecided,
@@ -18,7 +19,6 @@ from approvals.queue.services import (
     approval_decide,
     approval_release,
     claims_expire,
-    visible_to,
 )
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
