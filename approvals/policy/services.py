@@ -12,6 +12,7 @@ from django.utils import timezone
 from approvals.policy.cel import CONTEXT_FIELDS, ConditionError, validate_condition
 from approvals.policy.compiled import matches
 from approvals.policy.models import ArgumentFactor, AutonomyThreshold, Grant, PolicyVersion, Rule
+from approvals.queue.models import ApprovalRequest
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import TOOLS
 from orchestration.registry.models import Agent, Tool
@@ -154,6 +155,7 @@ def grant_create(
     run_id: int | None = None,
     max_uses: int | None = None,
     source: str = "admin",
+    request: ApprovalRequest | None = None,
 ) -> Grant:
     if condition:
         try:
@@ -169,6 +171,7 @@ def grant_create(
             run_id=run_id,
             max_uses=max_uses,
             source=source,
+            request=request,
             created_by=by if getattr(by, "is_authenticated", False) else None,
         )
         ledger_append(
@@ -186,6 +189,7 @@ def grant_create(
                 "source": source,
                 "expires_at": expires_at.isoformat() if expires_at else None,
                 "max_uses": max_uses,
+                "request_id": request.pk if request else None,
             },
         )
     return grant
