@@ -14,6 +14,6 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='grant',
             name='request',
-            field=models.ForeignKey(blank=True, help_text='the request a reviewer\'s "allow similar" was made on: its team scopes the grant', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='grants', to='approvals.approvalrequest'),
+            field=models.ForeignKey(blank=True, help_text='the request an "allow similar" grant was made on; its team scopes it', null=True, on_delete=django.db.models.deletion.PROTECT, related_name='grants', to='approvals.approvalrequest'),
         ),
     ]

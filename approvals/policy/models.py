@@ -133,7 +133,7 @@ class Grant(models.Model):
         blank=True,
         on_delete=models.PROTECT,
         related_name="grants",
-        help_text="the request a reviewer's \"allow similar\" was made on: its team scopes the grant",
+        help_text='the request an "allow similar" grant was made on; its team scopes it',
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
