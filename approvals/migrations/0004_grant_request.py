@@ -10,13 +10,14 @@ def link_reviewer_grants(apps, schema_editor):
     """Grants reviewers made with "allow similar" before this field: their request is the one
     whose ``approval.decided`` ledger record names the grant."""
     Grant = apps.get_model("approvals", "Grant")
+    ApprovalRequest = apps.get_model("approvals", "ApprovalRequest")
     AuditRecord = apps.get_model("orchestration", "AuditRecord")
     decided = AuditRecord.objects.filter(
         verb="approval.decided", approval_id__isnull=False, payload__contains='"allow_similar"'
     ).values_list("approval_id", "payload")
     for approval_id, payload in decided:
         grant_id = (json.loads(payload).get("allow_similar") or {}).get("grant")
-        if grant_id:
+        if grant_id and ApprovalRequest.objects.filter(pk=approval_id).exists():
             Grant.objects.filter(pk=grant_id, request__isnull=True).update(request_id=approval_id)
 
 
