@@ -1,13 +1,27 @@
 """Who may see and act on what: the one home of Baton's role and team checks.
 
-Reviewers see and decide only their teams' requests (and those of teams they are the escalation
-team of, once escalated), plus requests without a team. Every view, consumer and service that
-shows or acts on a request asks here."""
+Roles: reviewers decide, policy admins administer (and may act on every team's requests),
+auditors read. Teams: reviewers see and decide only their teams' requests (and those of teams
+they are the escalation team of, once escalated), plus requests without a team. The same
+boundary holds wherever a request shows or can be acted on: the queue and the request page,
+the run page, its timeline and socket (``RunAccess``, named by ``settings.BATON_RUN_ACCESS``),
+halting a run, and the "allow similar" grants made on a request. Every view, consumer and
+service that shows or acts on a request asks here."""
+
+from collections.abc import Mapping
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
 
-from approvals.queue.models import ApprovalRequest, RequestStatus
+from approvals.policy.models import Grant
+from approvals.queue.models import OPEN, ApprovalRequest, RequestStatus
+from approvals.roles import AUDIT, MANAGE_POLICY, REVIEW
+from orchestration.runs.models import Run
+
+
+def has_role(user, *permissions: str) -> bool:
+    """Whether ``user`` is active and holds any of ``permissions`` (see ``approvals.roles``)."""
+    return bool(user and user.is_active and any(user.has_perm(p) for p in permissions))
 
 
 def visible_to(reviewer) -> QuerySet[ApprovalRequest]:
@@ -22,3 +36,89 @@ def check_team(request: ApprovalRequest, reviewer) -> None:
     """Raise ``PermissionDenied`` unless ``reviewer`` may see and decide ``request``."""
     if not visible_to(reviewer).filter(pk=request.pk).exists():
         raise PermissionDenied(f"This request is for the {request.team} team.")
+
+
+def sees_every_team(user) -> bool:
+    """Policy admins, and auditors (who replay every run in the audit), read every team's
+    requests wherever they show."""
+    return has_role(user, MANAGE_POLICY, AUDIT)
+
+
+def hidden_from(user, run_ids: list[int]) -> QuerySet[ApprovalRequest]:
+    """The requests of these runs that ``user`` may not see or decide."""
+    return ApprovalRequest.objects.filter(run_id__in=run_ids).exclude(
+        pk__in=visible_to(user).filter(run_id__in=run_ids).values("pk")
+    )
+
+
+def _with_descendants(run: Run) -> list[int]:
+    """The run and its handoffs' runs, which halting it halts too."""
+    ids, frontier = [run.pk], [run.pk]
+    while frontier:
+        frontier = list(Run.objects.filter(parent_id__in=frontier).values_list("pk", flat=True))
+        ids += frontier
+    return ids
+
+
+class RunAccess:
+    """Fills orchestration's run-access extension point (``orchestration.runs.access``):
+
+    - everyone with a role sees runs; policy admins start and retry them;
+    - a step gated by a request of a team the viewer is not in shows only that it happened,
+      "for the <team> team" (policy admins and auditors read everything);
+    - reviewers and policy admins halt runs, except that a reviewer may not halt a run (or a
+      run it handed off to) while it waits on an open request they may not decide: halting
+      would close that request for its team."""
+
+    def can_view(self, user) -> bool:
+        return has_role(user, REVIEW, MANAGE_POLICY, AUDIT)
+
+    def can_operate(self, user) -> bool:
+        return has_role(user, MANAGE_POLICY)
+
+    def can_halt(self, user) -> bool:
+        return has_role(user, REVIEW, MANAGE_POLICY)
+
+    def halt_refusal(self, user, run: Run) -> str:
+        if not self.can_halt(user):
+            return "Only reviewers and policy admins halt runs."
+        if has_role(user, MANAGE_POLICY):
+            return ""
+        waiting = hidden_from(user, _with_descendants(run)).filter(status__in=OPEN)
+        blocked = waiting.order_by("id").first()
+        if blocked is None:
+            return ""
+        which = "This run" if blocked.run_id == run.pk else f"Its handoff run {blocked.run_id}"
+        return (
+            f"{which} waits on a request for the {blocked.team} team: only that team or a "
+            "policy admin may halt it."
+        )
+
+    def hidden_steps(self, user, run: Run) -> Mapping[int, str]:
+        if sees_every_team(user):
+            return {}
+        hidden: dict[int, str] = {}
+        for seq, team in hidden_from(user, [run.pk]).order_by("id").values_list("step_seq", "team"):
+            hidden.setdefault(seq, f"the {team} team")
+        return hidden
+
+
+def grants_visible_to(user) -> QuerySet[Grant]:
+    """The grants ``user`` may list and revoke: policy admins every one; reviewers the "allow
+    similar" grants made on requests they may see, and their own."""
+    if has_role(user, MANAGE_POLICY):
+        return Grant.objects.all()
+    if not has_role(user, REVIEW):
+        return Grant.objects.none()
+    return Grant.objects.filter(Q(request__in=visible_to(user)) | Q(created_by=user))
+
+
+def check_grant(grant: Grant, user) -> None:
+    """Raise ``PermissionDenied`` unless ``user`` may revoke ``grant``."""
+    if not grants_visible_to(user).filter(pk=grant.pk).exists():
+        team = grant.request.team if grant.request_id else ""
+        raise PermissionDenied(
+            f"This grant was made on a request for the {team} team."
+            if team
+            else "Only policy admins manage this grant."
+        )

@@ -300,3 +300,6 @@ LOGGING = {
 }
 # Every action passes this gate: the policy gate; "orchestration.gate.AllowAllGate" allows all.
 BATON_GATE = os.environ.get("BATON_GATE", "approvals.policy.gate.PolicyGate")
+# Who may see and act on runs (roles, and reviewer teams on gated steps and halting); without
+# the control plane "orchestration.runs.access.OpenRunAccess" lets every signed-in user.
+BATON_RUN_ACCESS = "approvals.access.RunAccess"

@@ -11,8 +11,9 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from orchestration.broadcast import SYSTEM_GROUP
+from orchestration.runs.access import run_access
 from orchestration.runs.realtime import RUNS_GROUP, run_group
-from orchestration.runs.selectors import RunFilters, can_view_runs
+from orchestration.runs.selectors import RunFilters
 from orchestration.runs.views import LiveDetail, LiveList, csrf_token_for
 from orchestration.workers import worker_status
 
@@ -172,7 +173,7 @@ class RunsConsumer(AuthenticatedConsumer):
     async def connect(self) -> None:
         user = self.scope.get("user")
         signed_in = user is not None and user.is_authenticated
-        if signed_in and not await database_sync_to_async(can_view_runs)(user):
+        if signed_in and not await database_sync_to_async(run_access().can_view)(user):
             await self.close(code=FORBIDDEN)
             return
         await super().connect()  # refuses anonymous users

@@ -1,7 +1,9 @@
-"""Reads for the run pages and their live fragments: who may see and act, the filtered list, and
-the timeline a reviewer reads (events in order, each attached to its step)."""
+"""Reads for the run pages and their live fragments: the filtered list, and the timeline a
+reviewer reads (events in order, each attached to its step, minus what is not theirs to read).
+Who may see and act is ``orchestration.runs.access``'s to say."""
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -12,32 +14,7 @@ from orchestration.registry.declare import latest_workflows
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Event, Run, RunStatus, Step, StepKind, StepStatus
 
-# The control plane's role permissions, named (not imported): orchestration never imports
-# approvals. tests/orchestration/test_run_pages.py checks they match approvals.roles.
-REVIEW = "approvals.review_actions"
-MANAGE_POLICY = "approvals.manage_policy"
-AUDIT = "approvals.audit_ledger"
-VIEW_RUNS = (REVIEW, MANAGE_POLICY, AUDIT)
-HALT_RUNS = (REVIEW, MANAGE_POLICY)
-OPERATE_RUNS = (MANAGE_POLICY,)  # start and retry
-
 PAGE_SIZE = 50
-
-
-def has_any_perm(user, permissions: tuple[str, ...]) -> bool:
-    return bool(user and user.is_active and any(user.has_perm(p) for p in permissions))
-
-
-def can_view_runs(user) -> bool:
-    return has_any_perm(user, VIEW_RUNS)
-
-
-def can_halt_runs(user) -> bool:
-    return has_any_perm(user, HALT_RUNS)
-
-
-def can_operate_runs(user) -> bool:
-    return has_any_perm(user, OPERATE_RUNS)
 
 
 # --- the list -----------------------------------------------------------------------------
@@ -187,6 +164,7 @@ class StepView:
     choices: list[str] = field(default_factory=list)
     answer: dict | None = None
     child: Run | None = None
+    hidden_for: str = ""  # whom the step's content is for, when not for this viewer
 
     @property
     def kind_label(self) -> str:
@@ -298,11 +276,26 @@ def step_view(step: Step, events: list[Event], children: dict[int, Run]) -> Step
     return view
 
 
-def run_timeline(run: Run) -> list[Entry]:
+def concealed(steps: Mapping[int, Step], hidden: Mapping[int, str]) -> dict[int, str]:
+    """``hidden`` (step seq: whom it is for) and the model calls that carry what those steps
+    carry: from the call that proposed the first hidden step (its tool calls hold the arguments
+    and reasoning) on, as every later prompt repeats the conversation and the results."""
+    if not hidden:
+        return {}
+    first = min(hidden)
+    models = [seq for seq, step in steps.items() if step.kind == StepKind.LLM]
+    proposer = max((seq for seq in models if seq < first), default=first)
+    return {**{seq: hidden[first] for seq in models if seq >= proposer}, **hidden}
+
+
+def run_timeline(run: Run, *, hidden: Mapping[int, str] | None = None) -> list[Entry]:
     """Events in order; a step sits where its first event is, with all its events attached.
     A step without events yet (a model call in flight, ``now``) sits before the next step that
-    has one, or at its start time among the run's own events."""
+    has one, or at its start time among the run's own events. Steps in ``hidden`` (from
+    ``RunAccess.hidden_steps``) and the model calls that carry them show only that they
+    happened: no input, output, verdict, error or events."""
     steps = {s.seq: s for s in run.step_set.all()}
+    hidden = concealed(steps, hidden or {})
     children = {c.parent_step_seq: c for c in run.children.all() if c.parent_step_seq}
     by_step: dict[int, list[Event]] = {}
     order: list[tuple[str, int | Event]] = []
@@ -321,6 +314,9 @@ def run_timeline(run: Run) -> list[Entry]:
     for kind, item in order:
         if kind == "event":
             entries.append(Entry(dom_id=f"event-{item.pk}", event=item))
+        elif item in hidden:
+            view = StepView(step=steps[item], hidden_for=hidden[item])
+            entries.append(Entry(dom_id=f"step-{item}", step=view))
         else:
             view = step_view(steps[item], by_step.get(item, []), children)
             entries.append(Entry(dom_id=f"step-{item}", step=view))

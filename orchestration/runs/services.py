@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 import jsonschema
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -14,6 +14,7 @@ from orchestration.gate import get_gate
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import get_workflow
 from orchestration.registry.models import Agent, AgentStatus
+from orchestration.runs.access import run_access
 from orchestration.runs.models import FINAL, Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
 
@@ -166,6 +167,9 @@ def run_halt(*, run: Run | int, by, reason: str) -> Run:
         locked = Run.objects.select_for_update().get(pk=run_id)
         if locked.status in FINAL:
             raise RunError(f"Run {run_id} is already {locked.status}.")
+        refusal = run_access().halt_refusal(by, locked) if hasattr(by, "has_perm") else ""
+        if refusal:  # a person (not a deadline) may not close another team's open request
+            raise PermissionDenied(refusal)
         Run.objects.filter(pk=run_id).update(
             status=RunStatus.HALTED,
             halted_by=label,

@@ -24,9 +24,10 @@ from django_htmx.http import HttpResponseClientRedirect
 
 from orchestration.registry.declare import RegistryError, get_workflow, latest_workflows
 from orchestration.runs import selectors
+from orchestration.runs.access import run_access
 from orchestration.runs.forms import RunOptionsForm, WorkflowInputForm
 from orchestration.runs.models import Run, RunStatus
-from orchestration.runs.selectors import HALT_RUNS, OPERATE_RUNS, VIEW_RUNS, RunFilters
+from orchestration.runs.selectors import RunFilters
 from orchestration.runs.services import RunError, run_halt, run_retry, run_start
 
 LIST = "runs/list.html"
@@ -34,14 +35,14 @@ DETAIL = "runs/detail.html"
 ACTED = "run-summary"  # the partial that answers halt and retry; the socket keeps the timeline
 
 
-def any_permission_required(permissions: tuple[str, ...]) -> Callable:
-    """Anonymous users go to the login page; signed-in users with none of ``permissions`` get
-    403 (``permission_required`` would demand all of them)."""
+def access_required(may: str) -> Callable:
+    """Anonymous users go to the login page; signed-in users the run access refuses (its
+    ``can_view``, ``can_halt`` or ``can_operate``, named by ``may``) get 403."""
 
     def decorator(view: Callable) -> Callable:
         @wraps(view)
         def guarded(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-            if not selectors.has_any_perm(request.user, permissions):
+            if not getattr(run_access(), may)(request.user):
                 raise PermissionDenied
             return view(request, *args, **kwargs)
 
@@ -67,7 +68,7 @@ def _render(
 # --- list ---------------------------------------------------------------------------------
 
 
-@any_permission_required(VIEW_RUNS)
+@access_required("can_view")
 def run_list(request: HttpRequest) -> HttpResponse:
     filters = RunFilters.from_query(request.GET)
     runs, next_before = selectors.run_page(filters)
@@ -78,7 +79,7 @@ def run_list(request: HttpRequest) -> HttpResponse:
         "base_query": filters.querystring(page=False),
         "next_before": next_before,
         "choices": selectors.filter_choices(),
-        "can_start": selectors.can_operate_runs(request.user),
+        "can_start": run_access().can_operate(request.user),
     }
     return _render(request, LIST, "runs-table", context)
 
@@ -87,12 +88,16 @@ def run_list(request: HttpRequest) -> HttpResponse:
 
 
 def detail_context(run: Run, user, **extra: Any) -> dict[str, Any]:
+    """What ``user`` may see and do of ``run``: the same for the page and its socket."""
+    access = run_access()
+    refusal = "" if run.is_final or not access.can_halt(user) else access.halt_refusal(user, run)
     return {
         "run": run,
         "facts": selectors.run_facts(run),
-        "timeline": selectors.run_timeline(run),
-        "can_halt": not run.is_final and selectors.can_halt_runs(user),
-        "can_retry": run.status == RunStatus.FAILED and selectors.can_operate_runs(user),
+        "timeline": selectors.run_timeline(run, hidden=access.hidden_steps(user, run)),
+        "can_halt": not run.is_final and access.can_halt(user) and not refusal,
+        "halt_refusal": refusal,
+        "can_retry": run.status == RunStatus.FAILED and access.can_operate(user),
         **extra,
     }
 
@@ -106,14 +111,16 @@ def _detail(
     return _render(request, DETAIL, partial, detail_context(run, request.user, **extra), status)
 
 
-@any_permission_required(VIEW_RUNS)
+@access_required("can_view")
 def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
     return _detail(request, run_id, "run-live")
 
 
-@any_permission_required(VIEW_RUNS)
+@access_required("can_view")
 def run_timeline(request: HttpRequest, run_id: int) -> HttpResponse:
-    timeline = selectors.run_timeline(get_object_or_404(Run, pk=run_id))
+    run = get_object_or_404(Run, pk=run_id)
+    hidden = run_access().hidden_steps(request.user, run)
+    timeline = selectors.run_timeline(run, hidden=hidden)
     return TemplateResponse(request, f"{DETAIL}#timeline", {"timeline": timeline})
 
 
@@ -124,22 +131,27 @@ def _done(request: HttpRequest, run_id: int, message: str) -> HttpResponse:
     return redirect("runs:detail", run_id=run_id)
 
 
-@any_permission_required(HALT_RUNS)
+@access_required("can_halt")
 @require_POST
 def run_halt_view(request: HttpRequest, run_id: int) -> HttpResponse:
-    get_object_or_404(Run, pk=run_id)
+    run = get_object_or_404(Run, pk=run_id)
+    refusal = "" if run.is_final else run_access().halt_refusal(request.user, run)
+    if refusal:
+        return _detail(request, run_id, ACTED, status=403, action_error=refusal)
     reason = request.POST.get("reason", "").strip()
     if not reason:
         error = "Say why you are halting the run: the agent's owner and the audit trail see it."
         return _detail(request, run_id, ACTED, status=422, halt_error=error)
     try:
         run_halt(run=run_id, by=request.user, reason=reason)
+    except PermissionDenied as exc:  # a request opened meanwhile: run_halt asks again, locked
+        return _detail(request, run_id, ACTED, status=403, action_error=str(exc))
     except RunError as exc:
         return _detail(request, run_id, ACTED, status=409, action_error=" ".join(exc.messages))
     return _done(request, run_id, f"Run {run_id} halted.")
 
 
-@any_permission_required(OPERATE_RUNS)
+@access_required("can_operate")
 @require_POST
 def run_retry_view(request: HttpRequest, run_id: int) -> HttpResponse:
     get_object_or_404(Run, pk=run_id)
@@ -153,12 +165,12 @@ def run_retry_view(request: HttpRequest, run_id: int) -> HttpResponse:
 # --- starting a run -----------------------------------------------------------------------
 
 
-@any_permission_required(OPERATE_RUNS)
+@access_required("can_operate")
 def run_pick(request: HttpRequest) -> HttpResponse:
     return _render(request, "runs/new.html", "workflows", {"workflows": latest_workflows()})
 
 
-@any_permission_required(OPERATE_RUNS)
+@access_required("can_operate")
 def run_new(request: HttpRequest, name: str) -> HttpResponse:
     try:
         definition = get_workflow(name)
@@ -214,7 +226,7 @@ def oob(html: str, swap: str = "true") -> str:
 def viewer(user_id: int | None):
     """The user re-read, so a role taken away applies to an open socket at its next update."""
     user = get_user_model().objects.filter(pk=user_id, is_active=True).first()
-    return user if selectors.can_view_runs(user) else None
+    return user if run_access().can_view(user) else None
 
 
 def csrf_token_for(cookies: dict[str, str]) -> str:

@@ -11,7 +11,6 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.test import Client
 
-from approvals import roles
 from approvals.roles import AUDITOR, POLICY_ADMIN, REVIEWER
 from config.asgi import application
 from orchestration.demo.models import Order
@@ -21,6 +20,7 @@ from orchestration.registry.declare import workflow
 from orchestration.registry.models import Agent
 from orchestration.retrieval.services import document_add
 from orchestration.runs import selectors
+from orchestration.runs.access import OpenRunAccess, run_access
 from orchestration.runs.models import Event, Run, RunStatus, Step
 from orchestration.runs.realtime import run_group
 from orchestration.runs.services import run_start
@@ -106,10 +106,12 @@ def drive(run_id: int) -> Run:
     raise AssertionError(f"run {run_id} did not finish")
 
 
-def test_permission_names_match_the_roles():
-    assert selectors.REVIEW == roles.REVIEW
-    assert selectors.MANAGE_POLICY == roles.MANAGE_POLICY
-    assert selectors.AUDIT == roles.AUDIT
+def test_the_control_plane_fills_the_run_access_extension_point(settings):
+    """Orchestration names no role: approvals answers through ``BATON_RUN_ACCESS``; without it,
+    every signed-in user may look and act."""
+    assert settings.BATON_RUN_ACCESS == "approvals.access.RunAccess"
+    del settings.BATON_RUN_ACCESS
+    assert isinstance(run_access(), OpenRunAccess)
 
 
 # --- access -------------------------------------------------------------------------------
