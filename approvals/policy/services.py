@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from approvals.access import check_grant
 from approvals.policy.cel import CONTEXT_FIELDS, ConditionError, validate_condition
 from approvals.policy.compiled import matches
 from approvals.policy.models import ArgumentFactor, AutonomyThreshold, Grant, PolicyVersion, Rule
@@ -196,6 +197,10 @@ def grant_create(
 
 
 def grant_revoke(*, grant: Grant, by) -> Grant:
+    """Revoke ``grant``. A person may revoke only the grants ``approvals.access`` shows them:
+    a reviewer's "allow similar" belongs to the team of the request it was made on."""
+    if hasattr(by, "has_perm"):
+        check_grant(grant, by)
     label = by.get_username() if hasattr(by, "get_username") else str(by)
     with transaction.atomic():
         updated = Grant.objects.filter(pk=grant.pk, revoked_at__isnull=True).update(

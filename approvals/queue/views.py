@@ -20,7 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from approvals.access import visible_to
+from approvals.access import grants_visible_to, visible_to
 from approvals.policy.models import Grant
 from approvals.policy.services import grant_revoke
 from approvals.policy.similar import REVIEWER
@@ -298,9 +298,10 @@ def review_or_policy(view):
     return wrapped
 
 
-def run_grants_active(run_id: int) -> list[Grant]:
-    """Active reviewer grants of a run: the run-scoped ones and the hour-scoped ones reviewers
-    created while deciding this run's requests (found through the ledger)."""
+def run_grants_active(run_id: int, viewer) -> list[Grant]:
+    """Active reviewer grants of a run that ``viewer`` may see (``grants_visible_to``): the
+    run-scoped ones and the hour-scoped ones reviewers created while deciding this run's
+    requests (found through their request, or the ledger)."""
     hour_ids = set()
     decided = AuditRecord.objects.filter(
         run_id=run_id, verb="approval.decided", payload__contains='"allow_similar"'
@@ -311,8 +312,9 @@ def run_grants_active(run_id: int) -> list[Grant]:
             hour_ids.add(similar["grant"])
     now = timezone.now()
     grants = (
-        Grant.objects.filter(source=REVIEWER, revoked_at__isnull=True)
-        .filter(Q(run_id=run_id) | Q(pk__in=hour_ids))
+        grants_visible_to(viewer)
+        .filter(source=REVIEWER, revoked_at__isnull=True)
+        .filter(Q(run_id=run_id) | Q(request__run_id=run_id) | Q(pk__in=hour_ids))
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
         .select_related("created_by", "agent")
         .order_by("id")
@@ -325,7 +327,7 @@ def _run_grants_response(
 ) -> HttpResponse:
     context = {
         "run_id": run_id,
-        "grants": run_grants_active(run_id),
+        "grants": run_grants_active(run_id, request.user),
         "next": reverse("runs:detail", kwargs={"run_id": run_id}),
         **extra,
     }
