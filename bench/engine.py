@@ -110,6 +110,7 @@ def noop(*, i: int, idempotency_key: str) -> dict:
 
 @workflow(
     WORKFLOW,
+    tools=[TOOL],
     input_schema={
         "type": "object",
         "properties": {"n": {"type": "integer", "minimum": 1}},

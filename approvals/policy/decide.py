@@ -19,7 +19,8 @@ from approvals.policy.compiled import CompiledPolicy, current_policy
 from approvals.policy.risk import labels_by_value, risk_score
 from orchestration.canonical import action_hash, canonical_args
 from orchestration.gate import Action
-from orchestration.registry.models import AgentStatus
+from orchestration.registry.declare import RegistryError, get_workflow
+from orchestration.registry.models import Agent, AgentStatus
 from orchestration.runs.models import Run
 
 STRICTER = {"allow": "ask", "ask": "ask", "deny": "deny"}
@@ -86,8 +87,37 @@ def _agent_record(agent_name: str) -> dict[str, Any]:
     }
 
 
-def build_context(action: Action, run: Run, policy: CompiledPolicy) -> dict[str, Any]:
-    """The evaluation input, JSON-serialisable so that it can be stored and replayed."""
+def acting_agent(action: Action, run: Run) -> Agent | None:
+    """Whose rights apply: the agent the action names (the one acting, e.g. inside
+    ``ctx.agent``), else the run's. None for a workflow acting without an agent, and for a
+    named agent that does not exist (which is denied everything)."""
+    if action.agent is None or (run.agent is not None and run.agent.name == action.agent):
+        return run.agent
+    return Agent.objects.filter(name=action.agent).first()
+
+
+def _agent_context(agent: Agent | None, name: str | None) -> dict[str, Any]:
+    """The acting agent as rules see it: its autonomy, status and recent record."""
+    if agent is None:
+        return {
+            "name": name or "",
+            "autonomy": "supervised",
+            "status": "unknown" if name else AgentStatus.ACTIVE.value,
+            "record": {"actions": 0, "reject_rate": 0.0, "error_rate": 0.0},
+        }
+    return {
+        "name": agent.name,
+        "autonomy": agent.autonomy,
+        "status": agent.status,
+        "record": _agent_record(agent.name),
+    }
+
+
+def build_context(
+    action: Action, run: Run, policy: CompiledPolicy, *, agent: Agent | None = None
+) -> dict[str, Any]:
+    """The evaluation input, JSON-serialisable so that it can be stored and replayed.
+    ``agent``: the acting agent when the caller has it (see ``acting_agent``)."""
     from orchestration.registry.models import Tool
 
     args = canonical_args(action.args)
@@ -105,7 +135,7 @@ def build_context(action: Action, run: Run, policy: CompiledPolicy) -> dict[str,
             "labels_read": [],
             "labels_produced": [],
         }
-    agent = run.agent
+    agent = agent or acting_agent(action, run)
     carried = labels_by_value(run.pk, args)
     run_labels = sorted(set(action.labels) | carried)
     return {
@@ -125,14 +155,7 @@ def build_context(action: Action, run: Run, policy: CompiledPolicy) -> dict[str,
                 for k in ("side_effect", "impact", "reversible", "labels_read", "labels_produced")
             },
         },
-        "agent": {
-            "name": agent.name if agent else "",
-            "autonomy": agent.autonomy if agent else "supervised",
-            "status": agent.status if agent else "active",
-            "record": _agent_record(agent.name)
-            if agent
-            else {"actions": 0, "reject_rate": 0.0, "error_rate": 0.0},
-        },
+        "agent": _agent_context(agent, action.agent),
         "run": {
             "id": run.pk,
             "workflow": run.workflow,
@@ -155,13 +178,21 @@ def _cel_context(data: dict[str, Any]) -> cel.Context:
 
 
 def _grant_problem(data: dict[str, Any], run: Run) -> str:
-    """Least privilege: an agent may use only tools an active grant covers."""
+    """Least privilege for whoever acts, as the engine confines it: within the run's limit,
+    and for an agent also within its ceiling and an active grant."""
     from approvals.policy.models import Grant
 
-    agent = run.agent
-    if agent is None:
-        return ""  # a workflow without an agent is code under review, not an agent
     tool = data["action"]["tool"]
+    name = data["agent"]["name"]
+    problem = _beyond_run(tool, run, acting=name)
+    if problem or not name:
+        return problem
+    agent = run.agent if run.agent and run.agent.name == name else None
+    agent = agent or Agent.objects.filter(name=name).first()
+    if agent is None:
+        return f"agent {name} is not registered"
+    if not agent.tools.filter(name=tool).exists():
+        return f"tool {tool} is beyond the ceiling of agent {name}"
     now = timezone.now()
     grants = (
         Grant.objects.filter(agent=agent, revoked_at__isnull=True)
@@ -180,15 +211,38 @@ def _grant_problem(data: dict[str, Any], run: Run) -> str:
             except EvaluationError:
                 continue  # a grant that cannot be checked grants nothing
         return ""
-    return f"tool {tool} is not granted to agent {agent.name}"
+    return f"tool {tool} is not granted to agent {name}"
+
+
+def _beyond_run(tool: str, run: Run, *, acting: str) -> str:
+    """The run's limit: the tools handed to it, else its agent's ceiling (checked with the
+    grants when that agent acts), else what its workflow declares."""
+    if run.allowed_tools is not None:
+        if tool in run.allowed_tools:
+            return ""
+        return f"tool {tool} is not among the tools handed to run {run.pk}"
+    if run.agent is not None:
+        if run.agent.name == acting or run.agent.tools.filter(name=tool).exists():
+            return ""
+        return f"tool {tool} is beyond the ceiling of agent {run.agent.name}, whose run this is"
+    try:
+        declared = get_workflow(run.workflow, run.workflow_version).declares(tool)
+    except RegistryError:
+        declared = False
+    if declared:
+        return ""
+    return f"tool {tool} is not declared by workflow {run.workflow} v{run.workflow_version}"
 
 
 def decide(action: Action, run: Run, *, policy: CompiledPolicy | None = None) -> Decision:
+    """Decide for the agent acting (``acting_agent``): its grants, ceiling, status, rules,
+    thresholds and record apply, and the decision names it."""
     policy = policy or current_policy()
-    data = build_context(action, run, policy)
+    agent = acting_agent(action, run)
+    data = build_context(action, run, policy, agent=agent)
     decision = decide_on(data, policy, run=run)
-    decision.agent_id = run.agent_id
-    decision.agent_name = run.agent.name if run.agent else ""
+    decision.agent_id = agent.pk if agent else None
+    decision.agent_name = data["agent"]["name"]
     return decision
 
 
@@ -210,8 +264,8 @@ def decide_on(data: dict[str, Any], policy: CompiledPolicy, *, run: Run | None =
         input=data,
     )
 
-    if data["agent"]["status"] == AgentStatus.SUSPENDED:
-        return _deny(result, f"agent {data['agent']['name']} is suspended")
+    if data["agent"]["status"] != AgentStatus.ACTIVE:  # paused, suspended, unknown
+        return _deny(result, f"agent {data['agent']['name']} is {data['agent']['status']}")
     if run is not None:
         problem = _grant_problem(data, run)
         if problem:

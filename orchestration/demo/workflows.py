@@ -4,6 +4,12 @@ from orchestration.canonical import canonical_json
 from orchestration.engine.errors import ActionDenied, ActionRejected
 from orchestration.registry.declare import workflow
 
+INFRA_TOOLS = [
+    "infra.diagnostics",
+    "infra.describe_volume",
+    "infra.run_migration",
+    "infra.delete_volume",
+]
 REFUND_DECISION = {
     "type": "object",
     "properties": {
@@ -17,6 +23,7 @@ REFUND_DECISION = {
 @workflow(
     "customer_refund",
     version=1,
+    tools=["orders.lookup", "payments.refund", "email.send"],
     input_schema={
         "type": "object",
         "title": "Customer refund",
@@ -110,6 +117,12 @@ def customer_refund(ctx, order_id: str, reason: str) -> dict:
 @workflow(
     "travel_booking",
     version=1,
+    tools=[
+        "travel.parse_request",
+        "travel.search_hotels",
+        "travel.check_availability",
+        "travel.book",
+    ],
     input_schema={
         "type": "object",
         "title": "Travel booking",
@@ -202,6 +215,7 @@ def travel_booking(ctx, request: str, guest: str) -> dict:
 @workflow(
     "infra_change",
     version=1,
+    tools=INFRA_TOOLS,
     input_schema={
         "type": "object",
         "title": "Infrastructure change",
@@ -228,15 +242,5 @@ def infra_change(ctx, goal: str, service: str, migration: str = "", volume: str 
     """An agent plans, runs read-only diagnostics and proposes irreversible production changes."""
     ctx.progress(0.1, "Planning")
     facts = f"service: {service}\nmigration: {migration}\nvolume: {volume}"
-    answer = ctx.agent(
-        "infra-agent",
-        goal=f"{goal}\n{facts}",
-        tools=[
-            "infra.diagnostics",
-            "infra.describe_volume",
-            "infra.run_migration",
-            "infra.delete_volume",
-        ],
-        max_steps=6,
-    )
+    answer = ctx.agent("infra-agent", goal=f"{goal}\n{facts}", tools=INFRA_TOOLS, max_steps=6)
     return {"summary": answer}

@@ -4,14 +4,16 @@ recorded step returns its recorded result, and the first unrecorded call execute
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import jsonschema
 from django.utils import timezone
 
-from orchestration.canonical import canonical_json, sha256_hex
+from orchestration.canonical import CanonicalError, canonical_args, canonical_json, sha256_hex
 from orchestration.engine.errors import (
     REPLAYABLE,
     ActionDenied,
@@ -21,18 +23,30 @@ from orchestration.engine.errors import (
     Halted,
     InvalidArguments,
     NonDeterminismError,
+    NonRetryable,
     SliceEnded,
     StepFailed,
     Suspend,
+    ToolUnavailable,
+    WorkflowError,
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
 from orchestration.engine.steps import Outbox, step_finish, step_start
 from orchestration.engine.timeouts import call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
-from orchestration.registry.declare import get_tool
+from orchestration.registry.declare import TOOLS, get_tool, get_workflow
+from orchestration.registry.models import Agent
 from orchestration.runs.models import Run, Step, StepKind, StepStatus
 
 DONE = {StepStatus.COMPLETED, StepStatus.FAILED}
+
+
+@dataclass(frozen=True)
+class Acting:
+    """Inside ``ctx.agent(...)``: the agent acting and the tools its loop offered the model."""
+
+    agent: Agent
+    offered: frozenset[str]
 
 
 class Context:
@@ -45,6 +59,8 @@ class Context:
         self._gate = get_gate()
         self.outbox = Outbox(run.pk)
         self._calls: Counter[str] = Counter()  # loop detection: tool + canonical arguments
+        self._acting: Acting | None = None
+        self._limit: frozenset[str] | None = None
         self.labels: set[str] = set()
         self._tokens = sum(s.tokens for s in steps.values())
         self._cost = float(sum(s.cost_usd for s in steps.values()))
@@ -219,6 +235,7 @@ class Context:
         started = time.monotonic()
         try:
             result = call_with_timeout(call, timeout, what=step.name)
+            _recordable(result)
         except Exception as exc:
             error = exc
         else:
@@ -422,21 +439,24 @@ class Context:
             step,
         )
         timeout = RETRY_POLICIES[StepKind.LLM].timeout
-        completion, _ = self._execute(
+        record, _ = self._execute(
             started,
-            lambda: get_provider(provider_name).complete(
-                model=model_name,
-                messages=messages,
-                tools=tool_specs or None,
-                output_schema=output_schema,
-                timeout=timeout,
+            lambda: (
+                get_provider(provider_name)
+                .complete(
+                    model=model_name,
+                    messages=messages,
+                    tools=tool_specs or None,
+                    output_schema=output_schema,
+                    timeout=timeout,
+                )
+                .to_record()
             ),
             timeout=timeout + 5,
         )
-        record = completion.to_record()
-        tokens = completion.input_tokens + completion.output_tokens
-        summary = completion.text.strip() or ", ".join(
-            f"calls {call.name}" for call in completion.tool_calls
+        tokens = record["input_tokens"] + record["output_tokens"]
+        summary = str(record["text"]).strip() or ", ".join(
+            f"calls {call['name']}" for call in record["tool_calls"]
         )
         step_finish(
             started,
@@ -445,39 +465,64 @@ class Context:
             status=StepStatus.COMPLETED,
             output=record,
             tokens=tokens,
-            cost_usd=completion.cost_usd,
-            latency_ms=completion.latency_ms,
+            cost_usd=record["cost_usd"],
+            latency_ms=record["latency_ms"],
             message=summary[:2000],
             event_kind="llm.completed",
-            event_data={"model": completion.model, "tokens": tokens},
+            event_data={"model": record["model"], "tokens": tokens},
         )
-        self._account(tokens, completion.cost_usd)
+        self._account(tokens, record["cost_usd"])
         return _llm_result(record, output_schema)
 
     def tool(self, name: str, /, _reasoning: str = "", _confidence: float | None = None, **args):
         """Call a tool through the gate. Raises ``ActionDenied`` or ``ActionRejected`` (with the
         reason) into the workflow, which may catch them and try another way."""
+        return self.act(name, args, reasoning=_reasoning, confidence=_confidence)
+
+    def act(self, name: str, args: Any, *, reasoning: str = "", confidence: Any = None) -> Any:
+        """A tool call with its arguments as a value: ``ctx.tool``, and each call a model
+        returns inside ``ctx.agent`` (where anything may come back).
+
+        The arguments are canonicalised once (trimmed, NFC, integral numbers as integers);
+        the gate decides on those, the step records them, and exactly what the gate decided
+        on executes. A tool not usable here, or arguments without a canonical form or outside
+        the tool's schema, are refused before the gate and recorded as a refused step."""
         seq, step = self._next(StepKind.TOOL, name)
-        self._count_call(name, args, replayed=step is not None and step.status in DONE)
-        if step is not None and step.status in DONE:
+        call, malformed = _call_input(args, reasoning, confidence)
+        replayed = step is not None and step.status in DONE
+        if not malformed:
+            self._count_call(name, call["args"], replayed=replayed)
+        if replayed:
             return self._replay(step)
         self._wait_for_retry(step)
         self._before_new_call(seq)
-        definition = get_tool(name)
-        action = Action(
-            tool=name,
-            args=args,
-            run_id=self.run.pk,
-            step_seq=seq,
-            agent=self.run.agent.name if self.run.agent else None,
-            reasoning=_reasoning,
-            confidence=_confidence,
-            labels=tuple(sorted(self.labels)),
+        definition = TOOLS.get(name)
+        if definition is None and self._acting is None:
+            get_tool(name)  # an unknown name in workflow code is a programming error
+        args = call["args"]
+        problem = self._unusable(name, definition) or (
+            InvalidArguments(f"{name}: {malformed}") if malformed else None
         )
+        problem = problem or _schema_problem(definition, args)
+        verdict = None
+        if problem is None:
+            action = Action(
+                tool=name,
+                args=args,
+                run_id=self.run.pk,
+                step_seq=seq,
+                agent=self.acting_agent.name if self.acting_agent else None,
+                reasoning=reasoning,
+                confidence=confidence,
+                labels=tuple(sorted(self.labels)),
+            )
+            # The gate reads the run from the database (taint by value, totals): what the run
+            # produced and still holds in the outbox commits first, so the gate sees it all.
+            if self.outbox.finishes:
+                self.outbox.flush()
+            verdict = self._gate.review(action, run_id=self.run.pk, step_seq=seq)
         # Validate and review before the step is marked started, so that the start, the
         # reasoning and the verdict are written together.
-        problem = self._invalid(definition, args)
-        verdict = None if problem else self._gate.review(action, run_id=self.run.pk, step_seq=seq)
         record = verdict.to_record() if verdict else None
         events = []
         if verdict is not None:
@@ -488,14 +533,14 @@ class Context:
             seq,
             StepKind.TOOL,
             name,
-            {"args": args, "reasoning": _reasoning, "confidence": _confidence},
+            call,
             step,
-            message=_reasoning and f"Reasoning: {_reasoning}",
+            message=reasoning and f"Reasoning: {reasoning}",
             events=events,
             verdict=record,
         )
-        if problem:
-            self._refuse(started, InvalidArguments(problem))
+        if problem is not None:
+            self._refuse(started, problem)
         if verdict.outcome == "deny":
             self._refuse(started, ActionDenied(verdict.reason or "denied by policy"), record)
         if verdict.outcome == "rejected":
@@ -505,7 +550,12 @@ class Context:
         if verdict.outcome == "pending":
             step_finish(started, outbox=self.outbox, status=StepStatus.WAITING, verdict=record)
             raise Suspend(f"waiting for a decision on {name}")
-        execute_args = verdict.args if verdict.outcome == "approved" and verdict.args else args
+        # Exactly what the gate decided on: its arguments (an approved edit), else ours.
+        execute_args = args if verdict.args is None else verdict.args
+        if execute_args != args:
+            problem = _schema_problem(definition, execute_args)
+            if problem is not None:
+                self._refuse(started, problem, record)
         output, latency = self._execute(
             started,
             lambda: definition.fn(**execute_args, idempotency_key=started.idempotency_key),
@@ -584,7 +634,12 @@ class Context:
                 message=f"Handed off to {callee.name}: {goal}",
             )
         child = run_start_child(
-            parent=self.run, step_seq=seq, agent=callee, goal=goal, context=context or {}
+            parent=self.run,
+            step_seq=seq,
+            agent=callee,
+            goal=goal,
+            context=context or {},
+            caller_tools=self.usable_tools(),
         )
         if not child.is_final:
             raise Suspend(f"waiting for child run {child.pk}")
@@ -623,7 +678,12 @@ class Context:
         context: dict | None = None,
     ) -> str:
         """A plan-act-observe loop on the agent's model: every model turn and every tool call
-        is its own step; a denied or rejected action is the agent's observation."""
+        is its own step; a denied or rejected action is the agent's observation.
+
+        For the loop's duration ``agent`` is the acting agent: the gate evaluates its actions
+        with its grants, ceiling, rules and thresholds, and the model may use only the tools
+        offered to it: ``tools`` (default: its ceiling) within its ceiling and within what
+        may be used here (the run's limit, or an enclosing loop's offer)."""
         from orchestration.engine.agent_loop import run_agent_loop
 
         return run_agent_loop(
@@ -640,23 +700,54 @@ class Context:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def usable_tools(self) -> set[str] | None:
-        """Tool names this run may use; None when unrestricted (no agent, no handoff)."""
-        if self.run.allowed_tools is not None:
-            return set(self.run.allowed_tools)
-        if self.run.agent is not None:
-            return set(self.run.agent.tools.values_list("name", flat=True))
-        return None
+    @property
+    def acting_agent(self) -> Agent | None:
+        """The agent acting now: inside ``ctx.agent(...)`` that loop's agent, else the run's."""
+        return self._acting.agent if self._acting is not None else self.run.agent
 
-    def _invalid(self, definition, args: dict) -> str:
+    @contextmanager
+    def acting_as(self, agent: Agent, tools: list[str] | None = None) -> Iterator[list[str]]:
+        """Act as ``agent`` until the block ends (by an exception too; then whoever acted before
+        acts again). Yields the tools offered: ``tools`` (default: its ceiling) within its
+        ceiling and within what may be used here, which is all that may be used meanwhile."""
+        ceiling = set(agent.tools.values_list("name", flat=True))
         usable = self.usable_tools()
-        if usable is not None and definition.name not in usable:
-            return f"tool {definition.name} is not available to this run"
-        error = jsonschema.exceptions.best_match(definition.validator.iter_errors(args))
-        if error is not None:
-            where = "/".join(str(p) for p in error.absolute_path) or "arguments"
-            return f"{definition.name} {where}: {error.message}"
-        return ""
+        offered = [t for t in (tools or sorted(ceiling)) if t in ceiling and t in usable]
+        previous = self._acting
+        self._acting = Acting(agent, frozenset(offered))
+        try:
+            yield offered
+        finally:
+            self._acting = previous
+
+    def usable_tools(self) -> frozenset[str]:
+        """The tools an action may use here: inside ``ctx.agent(...)`` the tools that loop
+        offered its model (already within the run's limit and the acting agent's ceiling),
+        else the run's limit."""
+        return self._acting.offered if self._acting is not None else self.run_limit()
+
+    def run_limit(self) -> frozenset[str]:
+        """All this run may use: the tools handed to it (a handoff), else its agent's ceiling,
+        else what its workflow declares. Read once per slice; the gate checks again live."""
+        if self._limit is None:
+            if self.run.allowed_tools is not None:
+                self._limit = frozenset(self.run.allowed_tools)
+            elif self.run.agent is not None:
+                self._limit = frozenset(self.run.agent.tools.values_list("name", flat=True))
+            else:
+                definition = get_workflow(self.run.workflow, self.run.workflow_version)
+                self._limit = definition.declared_tools()
+        return self._limit
+
+    def _unusable(self, name: str, definition) -> WorkflowError | None:
+        if self._acting is not None:
+            if name in self._acting.offered and definition is not None:
+                return None
+            offered = ", ".join(sorted(self._acting.offered)) or "none"
+            return ToolUnavailable(f"tool {name!r} was not offered (offered: {offered})")
+        if name not in self.run_limit():
+            return ToolUnavailable(f"tool {name} is not available to this run")
+        return None
 
     def _refuse(self, step: Step, error: Exception, verdict: dict | None = None):
         step_finish(
@@ -682,6 +773,36 @@ class Context:
             )
 
 
+def _call_input(args: Any, reasoning: str, confidence: Any) -> tuple[dict, str]:
+    """A tool step's input: the canonical arguments, the reasoning and the confidence. A call
+    without a canonical form is recorded without its arguments, with what is wrong."""
+    if not isinstance(args, dict):
+        return {"args": None, "reasoning": "", "confidence": None}, "arguments must be an object"
+    try:
+        call = {"args": canonical_args(args), "reasoning": reasoning, "confidence": confidence}
+        canonical_json(call, path="call")
+    except CanonicalError as exc:
+        return {"args": None, "reasoning": "", "confidence": None}, str(exc)
+    return call, ""
+
+
+def _schema_problem(definition, args: dict) -> InvalidArguments | None:
+    error = jsonschema.exceptions.best_match(definition.validator.iter_errors(args))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+    return InvalidArguments(f"{definition.name} {where}: {error.message}")
+
+
+def _recordable(result: Any) -> None:
+    """What a model, a tool or a search returns is recorded only if it has a canonical JSON
+    form: no NaN, infinity or NUL, which the database would refuse (or store as a poison)."""
+    try:
+        canonical_json(result, path="result")
+    except CanonicalError as exc:
+        raise NonRetryable(f"the result cannot be recorded: {exc}") from None
+
+
 def _spec(tool_name_or_spec):
     from orchestration.providers import ToolSpec
 
@@ -700,8 +821,6 @@ def _llm_result(record: dict, output_schema: dict | None) -> Any:
 
 
 def _agent(agent):
-    from orchestration.registry.models import Agent
-
     return agent if isinstance(agent, Agent) else Agent.objects.get(name=agent)
 
 

@@ -70,7 +70,12 @@ class StepFailed(WorkflowError):
 
 
 class InvalidArguments(WorkflowError):
-    """Tool arguments that do not match the tool's JSON Schema, or a tool outside the run."""
+    """Tool arguments that do not match the tool's JSON Schema or have no canonical form."""
+
+
+class ToolUnavailable(InvalidArguments):
+    """A tool outside what may be used here: the run's limit or, inside ``ctx.agent``, the
+    tools that loop offered its model (an unknown name from a model included)."""
 
 
 class NonRetryable(Exception):
@@ -80,5 +85,12 @@ class NonRetryable(Exception):
 # Errors re-raised on replay from a recorded failed step, by name.
 REPLAYABLE = {
     cls.__name__: cls
-    for cls in (ActionDenied, ActionRejected, CheckFailed, StepFailed, InvalidArguments)
+    for cls in (
+        ActionDenied,
+        ActionRejected,
+        CheckFailed,
+        StepFailed,
+        InvalidArguments,
+        ToolUnavailable,
+    )
 }

@@ -4,7 +4,7 @@ replay the workflow from the top until it suspends, completes, fails or its slic
 import uuid
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -129,12 +129,21 @@ def _finish(
 
     run = ctx.run
     now = timezone.now()
-    final = status in {RunStatus.COMPLETED, RunStatus.FAILED}
     with transaction.atomic():
         locked = Run.objects.select_for_update().get(pk=run.pk)
         if locked.lease_owner != lease or locked.is_final:
             return "stopped"  # halted meanwhile, or another worker took over
-        ctx.outbox.apply()  # the last steps' finishes commit with the run's new state
+        try:
+            with transaction.atomic():  # the last steps' finishes commit with the run's state
+                ctx.outbox.apply()
+        except DatabaseError as exc:
+            # Whatever the database refused, the run ends, failed, saying why: it never stays
+            # running for the sweep to replay the same refused write forever.
+            ctx.outbox.clear()
+            refused = f"{type(exc).__name__}: {exc}"
+            status, result, wake_at, requeue = RunStatus.FAILED, None, None, False
+            error = f"{error or 'The run ended'}; its last steps could not be recorded: {refused}"
+        final = status in {RunStatus.COMPLETED, RunStatus.FAILED}
         # A claim clears wake_at, so a due mark now is a run_resume made during this lease: what
         # the run is about to wait for may already have happened. Stay due and go again.
         if status == RunStatus.WAITING and locked.wake_at and locked.wake_at <= now:

@@ -4,7 +4,11 @@ fenced by the attempt number. No transaction or lock is held across a model or t
 A completed step's finish waits in the run's ``Outbox`` and commits with the next write of the
 run (the next step's start, a wait, the end of the run), so a step costs one transaction. A crash
 in between loses only the finish: the step is re-executed with the same idempotency key, which is
-the window every durable engine has between a side effect and its record."""
+the window every durable engine has between a side effect and its record.
+
+A step records only values that have a canonical JSON form (no NaN, infinity or NUL): a value
+the database would refuse must never wait in the outbox, where it would fail every later write
+of the run. ``CanonicalError`` is raised before anything is queued or written."""
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -16,6 +20,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from orchestration.canonical import canonical_json
 from orchestration.engine.errors import Halted, LeaseLost
 from orchestration.runs.models import Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
@@ -102,6 +107,7 @@ def step_start(
     """Record that a step (or a new attempt of it) begins, with its events and whatever the
     outbox holds, in one transaction that first extends the run's lease."""
     run_id = outbox.run_id
+    canonical_json(input, path=f"step {seq} input")
     now = timezone.now()
     fields = {
         "kind": kind,
@@ -159,6 +165,7 @@ def step_finish(
     """Finish the attempt that ``step`` started: now, or (``defer``) with the run's next write.
     Raises ``LeaseLost`` if another worker started a newer attempt meanwhile (the fence), so a
     stale worker never overwrites it."""
+    canonical_json(output, path=f"step {step.seq} output")
     cost = Decimal(str(cost_usd))
     fields: dict[str, Any] = {
         "status": status,

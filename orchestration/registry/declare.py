@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fnmatch import fnmatchcase
 from functools import cached_property
 from typing import Any
 
@@ -46,6 +47,14 @@ class WorkflowDef:
     fn: Callable[..., Any]
     description: str
     input_schema: dict = field(default_factory=dict)
+    tools: tuple[str, ...] = ()  # names or fnmatch patterns: what a run without an agent may use
+
+    def declares(self, tool: str) -> bool:
+        return any(fnmatchcase(tool, pattern) for pattern in self.tools)
+
+    def declared_tools(self) -> frozenset[str]:
+        """The registered tools that its ``tools`` name."""
+        return frozenset(name for name in TOOLS if self.declares(name))
 
 
 def tool(
@@ -84,8 +93,19 @@ def tool(
     return register
 
 
-def workflow(name: str, *, version: int = 1, input_schema: dict | None = None) -> Callable:
-    """Declare a workflow: ``fn(ctx, **input)``. Runs stay pinned to the version they began on."""
+def workflow(
+    name: str,
+    *,
+    version: int = 1,
+    input_schema: dict | None = None,
+    tools: list[str] | tuple[str, ...] = (),
+) -> Callable:
+    """Declare a workflow: ``fn(ctx, **input)``. Runs stay pinned to the version they began on.
+
+    ``tools`` (names, or fnmatch patterns such as ``"infra.*"``) are all that a run of it
+    without an agent may use, its agent loops included; a workflow that declares none may use
+    none on its own. A run with an agent uses the agent's ceiling instead (or the tools handed
+    to it)."""
 
     def register(fn: Callable) -> Callable:
         WORKFLOWS[(name, version)] = WorkflowDef(
@@ -94,6 +114,7 @@ def workflow(name: str, *, version: int = 1, input_schema: dict | None = None) -
             fn=fn,
             description=(fn.__doc__ or "").strip(),
             input_schema=input_schema or {"type": "object", "properties": {}},
+            tools=tuple(tools),
         )
         return fn
 

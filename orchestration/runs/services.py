@@ -2,6 +2,7 @@
 record; the worker is told after commit."""
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import jsonschema
@@ -113,19 +114,22 @@ def _missing_agent(name: str):
     raise RunError(f"No agent named {name!r}.")
 
 
-def run_start_child(*, parent: Run, step_seq: int, agent: Agent, goal: str, context: dict) -> Run:
+def run_start_child(
+    *,
+    parent: Run,
+    step_seq: int,
+    agent: Agent,
+    goal: str,
+    context: dict,
+    caller_tools: Collection[str],
+) -> Run:
     """The child run of a handoff, created once per (parent, step). Its usable tools are the
-    intersection of the parent's and the callee's."""
+    intersection of the caller's (what the parent may use where it hands off) and the
+    callee's ceiling."""
     existing = Run.objects.filter(parent=parent, parent_step_seq=step_seq).first()
     if existing is not None:
         return existing
     callee_tools = set(agent.tools.values_list("name", flat=True))
-    if parent.allowed_tools is not None:
-        caller_tools = set(parent.allowed_tools)
-    elif parent.agent is not None:
-        caller_tools = set(parent.agent.tools.values_list("name", flat=True))
-    else:
-        caller_tools = callee_tools
     with transaction.atomic():
         child = Run.objects.create(
             workflow="_agent.task",
@@ -134,7 +138,7 @@ def run_start_child(*, parent: Run, step_seq: int, agent: Agent, goal: str, cont
             input={"goal": goal, "context": context},
             intent={**parent.intent, "goal": goal},
             budgets=agent.budgets(),
-            allowed_tools=sorted(caller_tools & callee_tools),
+            allowed_tools=sorted(set(caller_tools) & callee_tools),
             parent=parent,
             parent_step_seq=step_seq,
             started_by=parent.started_by,

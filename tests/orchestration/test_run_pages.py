@@ -43,7 +43,7 @@ PAGES_SCHEMA = {
 }
 
 
-@workflow("test.pages", input_schema=PAGES_SCHEMA)
+@workflow("test.pages", input_schema=PAGES_SCHEMA, tools=["orders.lookup"])
 def pages_workflow(ctx, label: str, code: str, count=2, ratio=0.5, loud=False, size=2):
     """Look up an order, then check the label."""
     ctx.progress(0.5, "Looking up")

@@ -14,7 +14,7 @@ from approvals.policy.services import grant_create, grant_revoke, policy_publish
 from orchestration.canonical import action_hash
 from orchestration.demo.seed import demo_data_seed
 from orchestration.gate import Action
-from orchestration.registry.models import Agent
+from orchestration.registry.models import Agent, Tool
 from orchestration.runs.models import Run, Step
 
 pytestmark = pytest.mark.django_db
@@ -118,7 +118,7 @@ def labelled_step(run, seq, output, labels):
             "payments.refund",
             {"order_id": "A-1001", "amount": 5},
             "deny",
-            "tool payments.refund is not granted to agent travel-agent",
+            "tool payments.refund is beyond the ceiling of agent travel-agent",
         ),
     ],
 )
@@ -150,18 +150,85 @@ def test_risk_factors_are_named_with_their_contribution(demo):
     assert decision.score == 93
 
 
-def test_a_suspended_agent_is_denied_everything(demo):
+@pytest.mark.parametrize("status", ["suspended", "paused"])
+def test_a_suspended_or_paused_agent_is_denied_everything(demo, status):
     agent = demo["refund-bot"]
-    agent.status = "suspended"
+    run = run_for(agent)
+    agent.status = status  # while its run is in flight
     agent.save()
-    decision = act(run_for(agent), "orders.lookup", order_id="A-1001")
-    assert (decision.outcome, decision.reason) == ("deny", "agent refund-bot is suspended")
+    decision = act(run, "orders.lookup", order_id="A-1001")
+    assert (decision.outcome, decision.reason) == ("deny", f"agent refund-bot is {status}")
+
+
+def acting(run, agent_name, tool, **args):
+    return decide(Action(tool=tool, args=args, run_id=run.pk, step_seq=1, agent=agent_name), run)
+
+
+def test_an_action_is_decided_for_the_agent_acting_not_the_run_s(demo):
+    infra = demo["infra-agent"]
+    run = run_for(None, workflow="infra_change")  # the demo's run without an agent
+    diagnostics = acting(run, "infra-agent", "infra.diagnostics", service="billing")
+    assert diagnostics.outcome == "allow"
+    assert (diagnostics.agent_id, diagnostics.agent_name) == (infra.pk, "infra-agent")
+    assert diagnostics.input["agent"]["name"] == "infra-agent"
+    refund = acting(run, "infra-agent", "payments.refund", order_id="A-1001", amount=5)
+    assert (refund.outcome, refund.reason) == (
+        "deny",
+        "tool payments.refund is not declared by workflow infra_change v1",
+    )
+    # Inside a run of refund-bot, infra-agent acts with its own rights, within the run's.
+    refunds = run_for(demo["refund-bot"])
+    assert acting(
+        refunds, "infra-agent", "payments.refund", order_id="A-1001", amount=5
+    ).reason == ("tool payments.refund is beyond the ceiling of agent infra-agent")
+    assert acting(refunds, "infra-agent", "infra.diagnostics", service="billing").reason == (
+        "tool infra.diagnostics is beyond the ceiling of agent refund-bot, whose run this is"
+    )
+    infra.status = "paused"
+    infra.save()
+    assert acting(run, "infra-agent", "infra.diagnostics", service="b").reason == (
+        "agent infra-agent is paused"
+    )
+    assert acting(run, "ghost", "infra.diagnostics", service="b").reason == "agent ghost is unknown"
+
+
+def test_the_acting_agent_needs_its_ceiling_as_well_as_a_grant(demo):
+    agent = demo["refund-bot"]
+    grant_create(agent=agent, tool_pattern="*", by="policy")  # a grant wider than the ceiling
+    run = run_for(agent)
+    decision = act(run, "infra.delete_volume", volume="vol-7f3a")
+    assert (decision.outcome, decision.reason) == (
+        "deny",
+        "tool infra.delete_volume is beyond the ceiling of agent refund-bot",
+    )
+
+
+def test_a_workflow_without_an_agent_may_use_only_the_tools_it_declares(demo):
+    run = run_for(None)  # customer_refund declares orders.lookup, payments.refund, email.send
+    assert act(run, "orders.lookup", order_id="A-1001").outcome == "allow"
+    decision = act(run, "infra.delete_volume", volume="vol-7f3a")
+    assert (decision.outcome, decision.reason) == (
+        "deny",
+        "tool infra.delete_volume is not declared by workflow customer_refund v1",
+    )
+    assert (decision.agent_id, decision.agent_name) == (None, "")
+    handed = run_for(demo["travel-agent"])
+    Run.objects.filter(pk=handed.pk).update(allowed_tools=["travel.search_hotels"])
+    handed.refresh_from_db()
+    assert act(handed, "travel.book", hotel="x", guest="y").reason == (
+        f"tool travel.book is not among the tools handed to run {handed.pk}"
+    )
 
 
 def test_grants_expire_are_revoked_and_can_be_scoped_to_a_run(demo):
     agent = demo["travel-agent"]
+    agent.tools.add(Tool.objects.get(name="orders.lookup"))  # within its ceiling, not granted
     run = run_for(agent)
-    assert act(run, "orders.lookup", order_id="A-1001").outcome == "deny"
+    denied = act(run, "orders.lookup", order_id="A-1001")
+    assert (denied.outcome, denied.reason) == (
+        "deny",
+        "tool orders.lookup is not granted to agent travel-agent",
+    )
     grant = grant_create(agent=agent, tool_pattern="orders.*", by="policy", run_id=run.pk)
     assert act(run, "orders.lookup", order_id="A-1001").outcome == "allow"
     assert act(run_for(agent), "orders.lookup", order_id="A-1001").outcome == "deny"  # other run
@@ -171,6 +238,7 @@ def test_grants_expire_are_revoked_and_can_be_scoped_to_a_run(demo):
 
 def test_a_grant_condition_narrows_the_tool(demo):
     agent = demo["travel-agent"]
+    agent.tools.add(Tool.objects.get(name="orders.lookup"))
     grant_create(
         agent=agent,
         tool_pattern="orders.lookup",

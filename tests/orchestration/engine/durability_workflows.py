@@ -67,6 +67,7 @@ def effect(*, target: str, idempotency_key: str) -> dict:
 
 @workflow(
     "durability.steps",
+    tools=["durability.effect"],
     input_schema={
         "type": "object",
         "properties": {"tag": {"type": "string", "minLength": 1}},
@@ -89,6 +90,7 @@ def steps(ctx, tag: str) -> dict:
 
 @workflow(
     "durability.sleeps",
+    tools=["durability.effect"],
     input_schema={
         "type": "object",
         "properties": {"tag": {"type": "string"}, "seconds": {"type": "number"}},

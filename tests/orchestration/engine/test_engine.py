@@ -73,7 +73,7 @@ def halts_its_run(*, run_id: int, idempotency_key: str) -> dict:
     return {"halted": run_id}
 
 
-@workflow("test.sleepy")
+@workflow("test.sleepy", tools=["test.effect"])
 def sleepy(ctx, label: str = "a") -> dict:
     first = ctx.tool("test.effect", label=label)
     try:
@@ -84,7 +84,7 @@ def sleepy(ctx, label: str = "a") -> dict:
     return {"first": first["change_id"], "when": ctx.now().isoformat(), "id": ctx.uuid()}
 
 
-@workflow("test.flaky")
+@workflow("test.flaky", tools=["test.flaky"])
 def flaky_workflow(ctx, fail_times: int = 2, permanent: bool = False) -> dict:
     try:
         return ctx.tool("test.flaky", fail_times=fail_times, permanent=permanent)
@@ -92,24 +92,24 @@ def flaky_workflow(ctx, fail_times: int = 2, permanent: bool = False) -> dict:
         return {"gave_up": str(exc)}
 
 
-@workflow("test.flaky_uncaught")
+@workflow("test.flaky_uncaught", tools=["test.flaky"])
 def flaky_uncaught(ctx) -> dict:
     return ctx.tool("test.flaky", permanent=True, fail_times=0)
 
 
-@workflow("test.slow")
+@workflow("test.slow", tools=["test.slow"])
 def slow_workflow(ctx) -> dict:
     return ctx.tool("test.slow")
 
 
-@workflow("test.many")
+@workflow("test.many", tools=["test.effect"])
 def many(ctx, n: int = 5, same: bool = False) -> dict:
     for i in range(n):
         ctx.tool("test.effect", label="same" if same else f"e{i}")
     return {"done": n}
 
 
-@workflow("test.gated")
+@workflow("test.gated", tools=["test.effect"])
 def gated(ctx) -> dict:
     try:
         ctx.tool("test.effect", label="risky", _reasoning="the customer asked", _confidence=0.4)
@@ -126,7 +126,7 @@ def ask(ctx) -> dict:
     return {"pick": pick}
 
 
-@workflow("test.halt_midway")
+@workflow("test.halt_midway", tools=["test.halts_its_run", "test.effect"])
 def halt_midway(ctx) -> dict:
     ctx.tool("test.halts_its_run", run_id=ctx.run.pk)
     ctx.tool("test.effect", label="after-halt")
@@ -337,7 +337,7 @@ def test_input_is_validated_against_the_workflow_schema(gate):
 
 
 def test_invalid_tool_arguments_are_refused_before_the_gate(gate):
-    @workflow("test.bad_args")
+    @workflow("test.bad_args", tools=["test.*"])
     def bad_args(ctx):
         ctx.tool("test.effect", label=7)
 
