@@ -9,6 +9,7 @@ import datetime as dt
 import difflib
 import functools
 import re
+import string
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from typing import Any
 
 import cel
 
-# The context the gate builds; leaves are type names, "args" means the tools' argument schemas.
+# The context the gate builds; leaves are type names, "args" means the tools' argument schemas,
+# "sums" a map from each numeric top-level argument of the tools to a double.
 # fmt: off
+_TOTALS = {"count": "int", "sum": "sums"}
 CONTEXT_FIELDS: dict[str, Any] = {
     "action": {"tool": "string", "args": "args", "hash": "string", "labels": "list",
                "reasoning": "string", "confidence": "double"},
@@ -27,16 +30,28 @@ CONTEXT_FIELDS: dict[str, Any] = {
     "agent": {"name": "string", "autonomy": "string", "status": "string",
               "record": {"actions": "int", "reject_rate": "double", "error_rate": "double"}},
     "run": {"id": "int", "workflow": "string", "intent": {"goal": "string", "constraints": "list"},
-            "boundaries": "list", "labels": "list", "cost_usd": "double", "steps": "int"},
+            "boundaries": "list", "labels": "list", "cost_usd": "double", "steps": "int",
+            "data_subject": "string"},
+    "totals": {"run": _TOTALS, "agent": _TOTALS, "target": _TOTALS},
     "risk": {"score": "int", "factors": "list"},
     "now": "timestamp",
 }
-# The functions the CEL package (0.10) implements: any other name fails at run time.
+# The functions of CEL's strings extension that the CEL package (0.10) lacks, as CEL defines
+# them (ASCII only), registered on every evaluation context.
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+EXTENSIONS = {
+    "lowerAscii": lambda text: text.translate(_ASCII_LOWER),
+    "upperAscii": lambda text: text.translate(_ASCII_UPPER),
+    "trim": lambda text: text.strip(),
+}
+# The functions the CEL package (0.10) implements, and the extensions: any other name fails at
+# run time.
 CEL_FUNCTIONS = frozenset({
     "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string",
     "bytes", "dyn", "type", "duration", "timestamp", "getFullYear", "getMonth", "getDate",
     "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds",
-    "getMilliseconds",
+    "getMilliseconds", *EXTENSIONS,
 })
 _TYPES = frozenset({"bool", "bytes", "double", "int", "list", "map", "null_type", "string", "type",
                     "uint"})
@@ -187,6 +202,17 @@ def _props(node: Any) -> dict[str, Any]:
     return props if isinstance(props, dict) else {}
 
 
+def numeric_arguments(schema: Any) -> list[str]:
+    """The top-level arguments of a schema that are numbers: the ones totals sum."""
+    numeric = ("number", "integer")
+    return sorted(
+        name
+        for name, sub in _props(schema).items()
+        if isinstance(sub, dict)
+        and (sub.get("type") in numeric or any(k in numeric for k in sub.get("type") or ()))
+    )
+
+
 def _args_problem(parts: tuple[str, ...], schemas: list[dict]) -> tuple[int, list[str]] | None:
     """The first part that no schema defines, with the names defined there."""
     nodes: list[Any] = schemas
@@ -211,6 +237,13 @@ def _problem(ref: _Ref, context: dict[str, Any], schemas: list[dict]) -> tuple[i
         return ".".join(ref.names[: max(r - shift, 0) + 1])
 
     for r, part in enumerate(path):
+        if node == "sums":
+            sums = {name for schema in schemas for name in numeric_arguments(schema)}
+            if part not in sums:
+                hint = _hint(part, sums, shown(r - 1) + ".")
+                return r - shift, f"{shown(r)} is not a numeric argument of the tools{hint}"
+            node = "double"
+            continue
         if node == "args" and (bad := _args_problem(path[r:], schemas)):
             r, hint = r + bad[0], _hint(path[r + bad[0]], bad[1], shown(r + bad[0] - 1) + ".")
             return max(r - shift, 0), f"{shown(r)} is not an argument of the tools in scope{hint}"
@@ -246,6 +279,8 @@ def _sample(schema: Any) -> Any:
 def _fill(node: Any, args: dict[str, Any], now: dt.datetime) -> Any:
     if isinstance(node, dict):
         return {key: _fill(sub, args, now) for key, sub in node.items()}
+    if node == "sums":
+        return {k: float(v) for k, v in args.items() if type(v) in (int, float)}
     if node in ("args", "timestamp", "list", "map", "dyn"):
         return {"args": args, "timestamp": now, "list": []}.get(node, {})  # items: unknown type
     return _SAMPLES.get(node, "sample")
@@ -283,8 +318,18 @@ def validate_condition(source: str, *, context: dict[str, Any], args_schemas: li
             raise ConditionError(f"dry run failed: {exc}{guard}", 0, source) from exc
 
 
+def cel_context(values: dict[str, Any]) -> cel.Context:
+    """An evaluation context with the extension functions: build one per decision."""
+    context = cel.Context(values)
+    for name, function in EXTENSIONS.items():
+        context.add_function(name, function)
+    return context
+
+
 def evaluate(program: cel.Program, context: cel.Context | dict[str, Any]) -> bool:
     """Run a compiled condition; a failure or a non-bool result raises ``EvaluationError``."""
+    if isinstance(context, dict):
+        context = cel_context(context)
     try:
         result = program.execute(context)
     except KeyError as exc:

@@ -14,9 +14,11 @@ import cel
 from django.db.models import Count, Q
 from django.utils import timezone
 
-from approvals.policy.cel import EvaluationError, compile_condition, evaluate
+from approvals.policy.aggregates import totals
+from approvals.policy.cel import EvaluationError, cel_context, compile_condition, evaluate
 from approvals.policy.compiled import CompiledPolicy, current_policy
-from approvals.policy.risk import labels_by_value, risk_score
+from approvals.policy.risk import risk_score
+from approvals.policy.taint import run_taint
 from orchestration.canonical import action_hash, canonical_args
 from orchestration.gate import Action
 from orchestration.registry.declare import RegistryError, get_workflow
@@ -136,14 +138,13 @@ def build_context(
             "labels_produced": [],
         }
     agent = agent or acting_agent(action, run)
-    carried = labels_by_value(run.pk, args)
-    run_labels = sorted(set(action.labels) | carried)
-    return {
+    taint = run_taint(run.pk, args)
+    data = {
         "action": {
             "tool": action.tool,
             "args": args,
             "hash": action_hash(action.tool, args),
-            "labels": sorted(carried),
+            "labels": sorted(taint.carried),
             "reasoning": action.reasoning,
             "confidence": action.confidence if action.confidence is not None else -1.0,
         },
@@ -164,17 +165,26 @@ def build_context(
                 "constraints": list((run.intent or {}).get("constraints", [])),
             },
             "boundaries": list((run.intent or {}).get("boundaries", [])),
-            "labels": run_labels,
+            "labels": sorted(set(action.labels) | taint.touched | taint.carried),
+            "data_subject": taint.data_subject,
             "cost_usd": float(run.cost_usd),
             "steps": run.steps,
         },
         "now": timezone.now().isoformat(),
     }
+    data["totals"] = totals(
+        tool=action.tool,
+        args=args,
+        run_id=run.pk,
+        step_seq=action.step_seq,
+        agent=data["agent"]["name"],
+    )
+    return data
 
 
 def _cel_context(data: dict[str, Any]) -> cel.Context:
     values = {**data, "now": datetime.fromisoformat(data["now"]).astimezone(UTC)}
-    return cel.Context(values)
+    return cel_context(values)
 
 
 def _grant_problem(data: dict[str, Any], run: Run) -> str:

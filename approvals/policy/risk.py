@@ -18,7 +18,6 @@ SIDE_EFFECT_POINTS = {
 IMPACT_POINTS = 6  # per level, 0-4
 IRREVERSIBLE_POINTS = 15
 LABEL_POINTS = {"secret": 25, "pii": 10, "untrusted_input": 10, "financial": 5}
-MIN_TAINT_LENGTH = 6
 
 
 def risk_score(data: dict[str, Any], policy, ctx: cel.Context) -> tuple[list[dict], int]:
@@ -60,32 +59,3 @@ def risk_score(data: dict[str, Any], policy, ctx: cel.Context) -> tuple[list[dic
     score = max(0, min(100, sum(f["points"] for f in factors)))
     return factors, score
 
-
-def _strings(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, dict):
-        return [s for item in value.values() for s in _strings(item)]
-    if isinstance(value, list):
-        return [s for item in value for s in _strings(item)]
-    return []
-
-
-def labels_by_value(run_id: int, args: dict[str, Any]) -> set[str]:
-    """Labels flow by value: an argument containing a string (6+ characters) that a labelled
-    step of this run returned carries that step's labels."""
-    from orchestration.runs.models import Step
-
-    arg_strings = [s for s in _strings(args) if len(s) >= MIN_TAINT_LENGTH]
-    if not arg_strings:
-        return set()
-    carried: set[str] = set()
-    labelled = Step.objects.filter(run_id=run_id, status="completed").exclude(labels=[])
-    for output, labels in labelled.values_list("output", "labels"):
-        for produced in _strings(output):
-            if len(produced) < MIN_TAINT_LENGTH:
-                continue
-            if any(produced in arg for arg in arg_strings):
-                carried.update(labels)
-                break
-    return carried

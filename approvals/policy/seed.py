@@ -1,5 +1,8 @@
-"""The demo's policy: large refunds, customer data leaving the company and production changes
-go to reviewers; secrets never leave; routine reads run on their own. Idempotent."""
+"""The demo's policy, which asks only where the demo's own documents say a person must decide:
+refunds above 500 EUR for an order (or a run) in total go to finance (the refund policy); schema
+migrations need a second engineer and a volume deletion is confirmed first (the runbook);
+customer data goes out only to the customer it is about, card numbers never (the email policy);
+secrets never leave. Everything else within those lines runs on its own. Idempotent."""
 
 from django.db import transaction
 
@@ -7,57 +10,109 @@ from approvals.policy.models import ArgumentFactor, AutonomyThreshold, Grant, Po
 from approvals.policy.services import grant_create, policy_publish
 from orchestration.registry.models import Agent
 
+INTERNAL = 'args.to.lowerAscii().endsWith("@baton.example")'
+# With this refund: the order's refunds (any run, thirty days) and the run's.
+ORDER_TOTAL = "totals.target.sum.amount"
+RUN_TOTAL = "totals.run.sum.amount"
+# 13 to 19 digits, or groups of four (Amex: 4-6-5) with spaces or dashes between
+CARD_NUMBER = (
+    r"\b(?:[0-9]{13,19}|[0-9]{4}(?:[ -][0-9]{4}){2}[ -][0-9]{1,7}"
+    r"|[0-9]{4}[ -][0-9]{6}[ -][0-9]{5})\b"
+)
+
 RULES = [
     dict(
         name="Secrets never leave",
         tool_patterns=["email.*"],
         outcome="deny",
         priority=10,
-        condition='"secret" in action.labels',
-        description="Arguments carrying text from a step labelled secret cannot be sent out.",
+        condition=f'"secret" in action.labels || ("secret" in run.labels && !{INTERNAL})',
+        description="Nothing carrying a secret is sent, and once a run has read a secret, "
+        "nothing it sends leaves the company.",
+    ),
+    dict(
+        name="Card numbers never go by email",
+        tool_patterns=["email.*"],
+        outcome="deny",
+        priority=10,
+        condition=f'(args.subject + " " + args.body).matches(r"{CARD_NUMBER}")',
+        description="The customer email policy: emails never include card numbers.",
     ),
     dict(
         name="Small refunds within policy",
         tool_patterns=["payments.refund"],
         outcome="allow",
         priority=50,
-        condition="args.amount <= 100.0",
-        description="Refunds up to 100 EUR follow the refund policy on their own.",
+        condition=f"{ORDER_TOTAL} <= 500.0 && {RUN_TOTAL} <= 500.0",
+        description="The refund policy: refunds up to 500 EUR for an order in total need no one.",
     ),
     dict(
         name="Large refunds need finance",
         tool_patterns=["payments.refund"],
         outcome="ask",
         priority=20,
-        condition="args.amount > 500.0",
+        condition=f"{ORDER_TOTAL} > 500.0 || {RUN_TOTAL} > 500.0",
         team="finance",
         deadline_minutes=60,
-        message="Check the order and the customer's history before approving.",
+        message="With this refund the order (or the run) passes 500 EUR refunded: check the "
+        "order and the customer's history before approving.",
         allow_similar=True,
+        description="The refund policy: refunds above 500 EUR must be approved by a finance "
+        "reviewer. Counted over the order's refunds and the run's, so splitting does not evade it.",
     ),
     dict(
         name="Customer data leaving the company",
-        tool_patterns=["email.send"],
+        tool_patterns=["email.*"],
         outcome="ask",
         priority=30,
-        condition='"pii" in action.labels && !args.to.endsWith("@baton.example")',
+        condition=f'"pii" in run.labels && !{INTERNAL} && args.to.lowerAscii() != run.data_subject',
         team="operations",
         deadline_minutes=30,
         allow_similar=True,
-        message="The email carries customer data; check the recipient and the content.",
+        message="The run has read customer data and this email goes outside the company to "
+        "someone other than the customer it is about: check the recipient and the content.",
+        description="The customer email policy: emails never include other customers' data.",
     ),
     dict(
-        name="Production changes need two engineers",
-        tool_patterns=["infra.run_migration", "infra.delete_volume"],
+        name="Customers hear about their own orders",
+        tool_patterns=["email.*"],
+        outcome="allow",
+        priority=60,
+        condition='run.data_subject != "" && args.to.lowerAscii() == run.data_subject',
+        description="Every piece of customer data the run read is about the recipient.",
+    ),
+    dict(
+        name="Internal email",
+        tool_patterns=["email.*"],
+        outcome="allow",
+        priority=60,
+        condition=INTERNAL,
+        description="Email inside the company, unless it carries a secret.",
+    ),
+    dict(
+        name="Schema migrations need a second engineer",
+        tool_patterns=["infra.run_migration"],
         outcome="ask",
         priority=20,
         condition="true",
         team="operations",
-        quorum=2,
         deadline_minutes=120,
         on_expiry="escalate",
         escalation_team="finance",
-        message="Irreversible production change: check the diagnostics first.",
+        message="The runbook: schema migrations run in the maintenance window and need a "
+        "second engineer's approval. Check the diagnostics first.",
+    ),
+    dict(
+        name="Volume deletions are confirmed first",
+        tool_patterns=["infra.delete_volume"],
+        outcome="ask",
+        priority=20,
+        condition="true",
+        team="operations",
+        deadline_minutes=120,
+        on_expiry="deny",
+        message="The runbook: deleting a volume is irreversible; confirm it is detached, its "
+        "snapshots are verified and backups are older than 90 days.",
     ),
     dict(
         name="Watch expensive bookings",
@@ -72,14 +127,14 @@ RULES = [
 FACTORS = [
     dict(
         name="Refund above 500",
-        tool_patterns=["payments.*"],
-        condition="args.amount > 500.0",
+        tool_patterns=["payments.refund"],
+        condition=f"{ORDER_TOTAL} > 500.0",
         points=30,
     ),
     dict(
         name="Recipient outside the company",
         tool_patterns=["email.*"],
-        condition='!args.to.endsWith("@baton.example")',
+        condition=f"!{INTERNAL}",
         points=20,
     ),
 ]

@@ -1,7 +1,8 @@
 """Reviewers' "approve and allow similar": a grant (``source="reviewer"``) scoped to a run or an
-hour, constrained to the approved arguments, with a use count. A grant alone never turns an ask
-into an allow (grants are least privilege); the gate consults these grants only for an ask, and
-each use is counted and recorded."""
+hour, constrained to the approved arguments, to the data the approved action touched and to its
+risk, with a use count. A grant alone never turns an ask into an allow (grants are least
+privilege); the gate consults these grants only for an ask, never for an action whose risk is
+above the deny threshold of the acting agent's autonomy, and each use is counted and recorded."""
 
 import json
 import re
@@ -13,7 +14,8 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from approvals.policy.cel import EvaluationError, compile_condition, evaluate
-from approvals.policy.decide import Decision, _cel_context
+from approvals.policy.compiled import current_policy
+from approvals.policy.decide import DEFAULT_THRESHOLDS, Decision, _cel_context
 from approvals.policy.models import Grant
 from orchestration.ledger.chain import ledger_append
 from orchestration.runs.models import Run
@@ -35,9 +37,11 @@ def _field(name: str) -> str:
     return f"args[{json.dumps(name, ensure_ascii=False)}]"
 
 
-def similar_condition(args: dict[str, Any]) -> str:
-    """A CEL constraint from approved arguments: each top-level scalar argument except free text;
-    strings and booleans must be equal, numbers at most the approved value."""
+def similar_condition(args: dict[str, Any], *, labels: list[str], score: int) -> str:
+    """A CEL constraint from an approved action: each top-level scalar argument except free text
+    (strings and booleans equal, numbers at most the approved value); the labels the action
+    carries and the run has touched within the approved action's ``labels``; the risk at most
+    its ``score``."""
     clauses = []
     for name in sorted(args):
         value = args[name]
@@ -49,6 +53,10 @@ def similar_condition(args: dict[str, Any]) -> str:
             clauses.append(f"{_field(name)} <= {float(value)!r}")
         elif isinstance(value, str):
             clauses.append(f"{_field(name)} == {json.dumps(value, ensure_ascii=False)}")
+    known = json.dumps(sorted(set(labels)), ensure_ascii=False)
+    clauses.append(f"action.labels.all(label, label in {known})")
+    clauses.append(f"run.labels.all(label, label in {known})")
+    clauses.append(f"risk.score <= {int(score)}")
     return " && ".join(clauses)
 
 
@@ -64,7 +72,7 @@ def _active(run: Run):
 
 def similar_grant(decision: Decision, run: Run) -> Grant | None:
     """The first active reviewer grant of the run's agent that covers the decided action."""
-    if run.agent is None:
+    if run.agent is None or decision.score > _deny_above(decision):
         return None
     tool = decision.input["action"]["tool"]
     ctx = None
@@ -82,6 +90,12 @@ def similar_grant(decision: Decision, run: Run) -> Grant | None:
                 continue  # a grant that cannot be checked grants nothing
         return grant
     return None
+
+
+def _deny_above(decision: Decision) -> int:
+    autonomy = decision.input["agent"]["autonomy"]
+    thresholds = {**DEFAULT_THRESHOLDS, **current_policy().thresholds.get(autonomy, {})}
+    return thresholds["deny_above"]
 
 
 def similar_use(decision: Decision, run: Run, *, step_seq: int) -> Grant | None:

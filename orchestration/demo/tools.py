@@ -28,6 +28,8 @@ def _order_record(order: Order) -> dict:
     "orders.lookup",
     side_effect="read",
     labels_produced=("pii",),
+    target="order_id",
+    data_subject="customer_email",
     schema={
         "type": "object",
         "properties": {"order_id": {"type": "string", "pattern": "^[A-Z]-[0-9]{4}$"}},
@@ -50,6 +52,7 @@ def orders_lookup(*, order_id: str, idempotency_key: str) -> dict:
     reversible=False,
     labels_read=("financial",),
     labels_produced=("financial",),
+    target="order_id",
     schema={
         "type": "object",
         "properties": {
@@ -87,6 +90,7 @@ def payments_refund(*, order_id: str, amount: float, reason: str = "", idempoten
 @tool(
     "email.send",
     side_effect="external_send",
+    target="to",
     impact=2,
     reversible=False,
     schema={
@@ -219,6 +223,7 @@ def travel_check_availability(
     reversible=True,
     compensating_tool="travel.cancel",
     labels_read=("pii",),
+    target="hotel",
     schema={
         "type": "object",
         "properties": {
@@ -303,6 +308,7 @@ def infra_describe_volume(*, volume: str, idempotency_key: str) -> dict:
 @tool(
     "infra.run_migration",
     side_effect="privilege",
+    target="service",
     impact=4,
     reversible=False,
     schema={
@@ -324,6 +330,7 @@ def infra_run_migration(*, service: str, migration: str, idempotency_key: str) -
 @tool(
     "infra.delete_volume",
     side_effect="delete",
+    target="volume",
     impact=4,
     reversible=False,
     schema={

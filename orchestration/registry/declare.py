@@ -32,6 +32,8 @@ class ToolDef:
     labels_produced: tuple[str, ...] = ()
     cost_per_call: Decimal = Decimal(0)
     timeout: float = 30.0
+    target: str = ""  # the argument naming what the tool acts on, e.g. "order_id"
+    data_subject: str = ""  # the output field naming whose personal data the output is
 
     @cached_property
     def validator(self) -> jsonschema.protocols.Validator:
@@ -69,9 +71,17 @@ def tool(
     labels_produced: tuple[str, ...] = (),
     cost_per_call: str = "0",
     timeout: float = 30.0,
+    target: str = "",
+    data_subject: str = "",
 ) -> Callable:
     """Declare a tool. The function takes its arguments as keywords plus ``idempotency_key``,
-    and must drop a second call with the same key."""
+    and must drop a second call with the same key.
+
+    ``target`` names the argument that says what the tool acts on (``order_id``): policies see
+    the totals of the tool on that target. ``data_subject`` names the field of the output that
+    says whose personal data the output is (``customer_email``)."""
+    if target and schema.get("properties", {}).get(target, {}).get("type") != "string":
+        raise ValueError(f"tool {name}: target {target!r} is not a string argument")
 
     def register(fn: Callable) -> Callable:
         TOOLS[name] = ToolDef(
@@ -87,6 +97,8 @@ def tool(
             labels_produced=tuple(labels_produced),
             cost_per_call=Decimal(cost_per_call),
             timeout=timeout,
+            target=target,
+            data_subject=data_subject,
         )
         return fn
 

@@ -119,6 +119,8 @@ class Step(models.Model):
     class Meta:
         ordering = ["run", "seq"]
         constraints = [models.UniqueConstraint(fields=["run", "seq"], name="step_unique_seq")]
+        # the policy's totals of a tool over a window (approvals.policy.aggregates)
+        indexes = [models.Index(fields=["name", "started_at"], name="step_name_started_idx")]
 
     def __str__(self) -> str:
         return f"run {self.run_id} step {self.seq} {self.kind} {self.name}"

@@ -273,10 +273,26 @@ def test_validation_only_ever_raises_condition_errors_inside_the_source(source):
             "endswith",
         ),
         (
-            "args.amount > 5 && args.to.lowerAscii() == 'x'",
-            "unknown function 'lowerAscii'",
-            "lowerAscii",
+            "args.amount > 5 && args.to.lowerAsci() == 'x'",
+            "unknown function 'lowerAsci' (did you mean lowerAscii?)",
+            "lowerAsci",
         ),
+        ("args.to.toLowerCase() == 'x'", "unknown function 'toLowerCase'", "toLowerCase"),
+        (
+            "totals.target.sum.amout > 500.0",
+            "totals.target.sum.amout is not a numeric argument of the tools "
+            "(did you mean totals.target.sum.amount?)",
+            "amout",
+        ),
+        (
+            "totals.run.sum.currency > 1.0",  # a string argument is not summed
+            "totals.run.sum.currency is not a numeric argument of the tools",
+            "currency",
+        ),
+        ("totals.order.count > 1", "totals.order is not a field of totals", "order"),
+        ("totals.target.cnt > 1", "totals.target.cnt is not a field of totals.target", "cnt"),
+        ("totals.run.sum.amount.cents > 1", "totals.run.sum.amount is a double", "cents"),
+        ("run.data_subjects == 'x'", "run.data_subjects is not a field of run", "data_subjects"),
     ],
 )
 def test_typos_are_refused_with_position_and_suggestion(source, message, at):
@@ -307,6 +323,10 @@ def test_typo_on_a_later_line_has_line_and_column():
         "args.items.exists(tool, tool.sku == 'x')",  # a macro variable may shadow a field
         "action.labels.exists(l, l.startsWith('secret'))",
         "risk.factors.exists(f, f.name == 'irreversible' && f.points > 10)",
+        "totals.target.sum.amount + args.amount > 500.0 || totals.run.count >= 3",
+        "totals.agent.sum.amount > 1000.0 && totals.agent.count > 2",
+        "args.currency.lowerAscii() == 'eur' && args.currency.upperAscii().trim() == 'EUR'",
+        "run.data_subject != '' && run.labels.all(l, l in ['pii'])",
     ],
 )
 def test_valid_conditions_pass(source):
