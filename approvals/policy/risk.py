@@ -58,4 +58,3 @@ def risk_score(data: dict[str, Any], policy, ctx: cel.Context) -> tuple[list[dic
         )
     score = max(0, min(100, sum(f["points"] for f in factors)))
     return factors, score
-
