@@ -6,6 +6,7 @@ from django.utils import timezone
 from orchestration.engine.runner import run_advance
 from orchestration.runs.models import Run
 from tests.gates import ScriptedGate
+from tests.orchestration.engine.puppet import Puppet
 
 
 @pytest.fixture
@@ -14,6 +15,12 @@ def gate(settings):
     ScriptedGate.reset()
     yield ScriptedGate
     ScriptedGate.reset()
+
+
+@pytest.fixture
+def puppet(monkeypatch):
+    """The compromised model, as the provider named ``puppet``."""
+    return Puppet.install(monkeypatch)
 
 
 def drive(run_id: int, *, rounds: int = 50, timers: bool = True) -> Run:
