@@ -125,11 +125,12 @@ RULES = [
     ),
 ]
 FACTORS = [
-    dict(
+    dict(  # the rule asks finance; the points only keep such a refund visible in the queue,
+        # below the deny threshold, where an approval may allow similar ones
         name="Refund above 500",
         tool_patterns=["payments.refund"],
         condition=f"{ORDER_TOTAL} > 500.0",
-        points=30,
+        points=10,
     ),
     dict(
         name="Recipient outside the company",

@@ -1,0 +1,174 @@
+"""The seeded demo policy asks only where the demo's own documents say a person must decide: the
+refund policy (above 500 EUR, finance), the runbook (a second engineer for a schema migration,
+a confirmation before a volume deletion) and the email policy (no other customer's data, no
+card numbers). Each demo workflow is run to its end with the real engine and gate."""
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from approvals.policy.models import PolicyEvaluation
+from approvals.policy.seed import policy_seed
+from approvals.queue.models import ApprovalRequest, ReviewerTeam
+from approvals.queue.services import approval_decide
+from orchestration.demo.models import Booking, Email, InfraChange, Refund
+from orchestration.demo.seed import FIRST_RUNS, demo_data_seed
+from orchestration.gate import Action
+from orchestration.runs.models import Run, Step
+from orchestration.runs.services import run_start
+from tests.orchestration.engine.conftest import drive
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def policy_gate(settings):
+    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
+    demo_data_seed()
+    policy_seed()
+
+
+@pytest.fixture
+def reviewer():
+    user = get_user_model().objects.create_user("rae")
+    for name in ("finance", "operations"):
+        ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
+    return user
+
+
+def asked(run: Run) -> list[tuple[str, str, str, int]]:
+    """Every request the run opened: (kind, tool, team, quorum), in order."""
+    return [
+        (r.kind, r.tool, r.team, r.quorum)
+        for r in ApprovalRequest.objects.filter(run_id=run.pk).order_by("id")
+    ]
+
+
+def outcomes(run: Run) -> list[tuple[str, str]]:
+    evaluations = PolicyEvaluation.objects.filter(run_id=run.pk).order_by("id")
+    return [(e.tool, e.outcome) for e in evaluations]
+
+
+def approve_all(run: Run, reviewer, *, answer: str = "") -> Run:
+    """Approve (or answer) whatever the run waits for until it ends."""
+    for _ in range(10):
+        run = drive(run.pk)
+        if run.status != "waiting":
+            return run
+        request = ApprovalRequest.objects.get(run_id=run.pk, status="pending")
+        if request.kind == "question":
+            approval_decide(request=request, reviewer=reviewer, verdict="answer", answer=answer)
+        else:
+            approval_decide(request=request, reviewer=reviewer, verdict="approve")
+    raise AssertionError("the run kept waiting")
+
+
+def refund_run(order_id: str) -> Run:
+    return run_start(
+        workflow="customer_refund",
+        agent="refund-bot",
+        input={"order_id": order_id, "reason": "It arrived broken."},
+    )
+
+
+@pytest.mark.parametrize(
+    ("order_id", "amount", "requests"),
+    [
+        ("A-1001", 89, []),
+        ("A-1002", 649, [("action", "payments.refund", "finance", 1)]),
+        ("A-1003", 219, []),  # within the refund policy: no one (was two reviewers of any team)
+        ("A-1004", 1899, [("action", "payments.refund", "finance", 1)]),
+        ("A-1005", 45, []),
+    ],
+)
+def test_a_refund_asks_finance_only_above_500_and_the_customer_hears_of_it(
+    policy_gate, reviewer, order_id, amount, requests
+):
+    run = approve_all(refund_run(order_id), reviewer)
+    assert run.status == "completed"
+    assert run.result["customer_emailed"] is True
+    assert asked(run) == requests
+    assert float(Refund.objects.get(order__order_id=order_id).amount) == amount
+    # the confirmation goes to the customer whose order it is, on its own
+    email = Email.objects.get()
+    assert email.to == run.step_set.get(name="orders.lookup").output["customer_email"]
+    assert outcomes(run)[-1] == ("email.send", "allow")
+    rules = PolicyEvaluation.objects.filter(run_id=run.pk, tool="email.send").last().rules
+    assert rules == ["Customers hear about their own orders"]
+
+
+def test_the_first_runs_ask_a_guest_a_second_engineer_and_a_confirmation(policy_gate, reviewer):
+    travel, infra = (
+        run_start(workflow=workflow, input=data, agent=agent, intent={"goal": goal})
+        for workflow, agent, data, goal in FIRST_RUNS[1:]
+    )
+    travel = drive(travel.pk)
+    question = ApprovalRequest.objects.get(run_id=travel.pk)
+    travel = approve_all(travel, reviewer, answer=question.choices[0])
+    assert travel.status == "completed"
+    assert asked(travel) == [("question", "", "", 1)]  # the customer's pick, not the policy
+    assert ("travel.book", "allow") in outcomes(travel)
+    assert Booking.objects.get().hotel.name == question.choices[0]
+
+    infra = approve_all(infra, reviewer)
+    assert infra.status == "completed"
+    assert asked(infra) == [
+        ("action", "infra.run_migration", "operations", 1),
+        ("action", "infra.delete_volume", "operations", 1),
+    ]
+    assert {c.kind for c in InfraChange.objects.all()} == {"migration", "delete_volume"}
+    reads = [o for o in outcomes(infra) if o[0] in ("infra.diagnostics", "infra.describe_volume")]
+    assert reads and {outcome for _, outcome in reads} == {"allow"}
+
+
+def review(run: Run, seq: int, tool: str, **args):
+    from approvals.policy.gate import PolicyGate
+
+    action = Action(tool=tool, args=args, run_id=run.pk, step_seq=seq, agent="refund-bot")
+    return PolicyGate().review(action, run_id=run.pk, step_seq=seq)
+
+
+@pytest.mark.parametrize(
+    ("to", "outcome"),
+    [
+        ("OPS@BATON.EXAMPLE", "allow"),  # inside the company, whatever the case
+        ("ops@baton.example", "allow"),
+        ("CAM@Example.com", "allow"),  # the customer the data is about
+        ("dana@example.org", "pending"),  # another customer
+        ("attacker@evil.example", "pending"),
+        ("ops@baton.example.evil.example", "pending"),
+        ("ops@notbaton.example", "pending"),
+    ],
+)
+def test_customer_data_leaves_only_to_the_customer_it_is_about(policy_gate, to, outcome):
+    run = drive(refund_run("A-1001").pk)  # looked up Cam's order, refunded, emailed Cam
+    assert run.status == "completed"
+    verdict = review(run, 50, "email.send", to=to, subject="Your order", body="About A-1001.")
+    assert verdict.outcome == outcome
+
+
+def test_a_run_that_read_two_customers_emails_neither_without_a_reviewer(policy_gate):
+    """An injected instruction has the agent look up another customer's order: the run's data
+    is no longer about one person, so no outside email goes without a reviewer."""
+    run = drive(refund_run("A-1001").pk)
+    Step.objects.create(
+        run=run,
+        seq=50,
+        kind="tool",
+        name="orders.lookup",
+        status="completed",
+        output={"order_id": "A-1002", "customer_email": "dana@example.org"},
+        labels=["pii"],
+        idempotency_key=f"{run.pk}-50",
+    )
+    for seq, to in enumerate(("cam@example.com", "dana@example.org"), start=51):
+        verdict = review(run, seq, "email.send", to=to, subject="Hi", body="Your order.")
+        assert verdict.outcome == "pending"
+        assert "Customer data leaving the company" in verdict.rules
+
+
+def test_card_numbers_never_go_by_email(policy_gate):
+    run = drive(refund_run("A-1001").pk)
+    body = "Your card 4111 1111 1111 1111 was refunded."
+    verdict = review(run, 50, "email.send", to="cam@example.com", subject="Refund", body=body)
+    assert verdict.outcome == "deny"
+    assert "Card numbers never go by email" in verdict.rules
