@@ -12,10 +12,12 @@ from collections.abc import Mapping
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q, QuerySet
+from django.urls import reverse
 
 from approvals.policy.models import Grant
 from approvals.queue.models import OPEN, ApprovalRequest, RequestStatus
 from approvals.roles import AUDIT, MANAGE_POLICY, REVIEW
+from orchestration.runs.access import Link
 from orchestration.runs.models import Run
 
 
@@ -101,6 +103,17 @@ class RunAccess:
         for seq, team in hidden_from(user, [run.pk]).order_by("id").values_list("step_seq", "team"):
             hidden.setdefault(seq, f"the {team} team")
         return hidden
+
+    def page_links(self, user, run: Run) -> list[Link]:
+        if not has_role(user, AUDIT):
+            return []
+        return [Link("Audit replay", reverse("approvals:audit_run", kwargs={"run_id": run.pk}))]
+
+    def page_panels(self, user, run: Run) -> list[Link]:
+        if not has_role(user, REVIEW, MANAGE_POLICY):
+            return []
+        url = reverse("approvals:run_grants", kwargs={"run_id": run.pk})
+        return [Link("Allowed similar", url)]  # reviewers' grants, scoped by grants_visible_to
 
 
 def grants_visible_to(user) -> QuerySet[Grant]:

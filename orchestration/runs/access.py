@@ -6,11 +6,12 @@ the engine calls the gate, and never imports the control plane. Without one, ``O
 lets every active signed-in user see and act on every run.
 
 Every place that shows or acts on a run asks here: the run list, the run page and its timeline,
-the run socket, and ``run_halt`` itself (under the run's lock)."""
+the run socket, and ``run_halt`` itself (under the run's lock). The run page also shows the
+links and sections the control plane offers, so its template names nothing of it."""
 
 from collections.abc import Mapping
 from functools import cache
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from django.conf import settings
 from django.utils.module_loading import import_string
@@ -18,6 +19,11 @@ from django.utils.module_loading import import_string
 from orchestration.runs.models import Run
 
 DEFAULT = "orchestration.runs.access.OpenRunAccess"
+
+
+class Link(NamedTuple):
+    label: str
+    url: str
 
 
 class RunAccess(Protocol):
@@ -43,6 +49,14 @@ class RunAccess(Protocol):
         ("the finance team"): the timeline shows that they happened, not what they carry."""
         ...
 
+    def page_links(self, user, run: Run) -> list[Link]:
+        """Links the run page shows ``user`` beside its breadcrumbs (the run's audit replay)."""
+        ...
+
+    def page_panels(self, user, run: Run) -> list[Link]:
+        """Sections the run page loads for ``user`` from their URL (reviewers' grants)."""
+        ...
+
 
 def _signed_in(user) -> bool:
     return bool(user and user.is_active and user.is_authenticated)
@@ -65,6 +79,12 @@ class OpenRunAccess:
 
     def hidden_steps(self, user, run: Run) -> Mapping[int, str]:
         return {}
+
+    def page_links(self, user, run: Run) -> list[Link]:
+        return []
+
+    def page_panels(self, user, run: Run) -> list[Link]:
+        return []
 
 
 @cache

@@ -113,7 +113,10 @@ def _detail(
 
 @access_required("can_view")
 def run_detail(request: HttpRequest, run_id: int) -> HttpResponse:
-    return _detail(request, run_id, "run-live")
+    run = get_object_or_404(Run, pk=run_id)
+    access = run_access()
+    links, panels = access.page_links(request.user, run), access.page_panels(request.user, run)
+    return _detail(request, run_id, "run-live", links=links, panels=panels)
 
 
 @access_required("can_view")

@@ -311,3 +311,14 @@ def test_roles_are_checked_in_one_place(people):
     assert access.can_view(people["auditor"]) and not access.can_halt(people["auditor"])
     assert access.can_operate(people["admin"]) and not access.can_operate(people["operations"])
     assert not access.can_view(member("nobody", role=None))
+
+
+def test_the_run_page_offers_the_control_planes_links_by_role(people):
+    """The run page's template names nothing of approvals: RunAccess offers these."""
+    run, _ = refund_run()
+    grants = reverse("approvals:run_grants", args=[run.pk])
+    audit = reverse("approvals:audit_run", args=[run.pk])
+    html = run_page(people["auditor"], run)
+    assert f'href="{audit}"' in html and grants not in html
+    html = run_page(people["operations"], run)
+    assert f'hx-get="{grants}"' in html and audit not in html

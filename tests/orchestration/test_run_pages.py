@@ -114,6 +114,18 @@ def test_the_control_plane_fills_the_run_access_extension_point(settings):
     assert isinstance(run_access(), OpenRunAccess)
 
 
+@pytest.mark.django_db
+def test_without_the_control_plane_every_signed_in_user_may_look_and_halt(settings):
+    settings.BATON_RUN_ACCESS = "orchestration.runs.access.OpenRunAccess"
+    run = make_run(status=RunStatus.RUNNING)
+    client = client_for(None)
+    page = client.get(f"/runs/{run.pk}/").content.decode()
+    assert "Halt run" in page and "Allowed similar" not in page
+    assert client.post(f"/runs/{run.pk}/halt/", {"reason": "stop"}).status_code == 302
+    run.refresh_from_db()
+    assert run.status == RunStatus.HALTED
+
+
 # --- access -------------------------------------------------------------------------------
 
 
