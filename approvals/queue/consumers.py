@@ -24,7 +24,7 @@ from django.http import Http404, QueryDict
 
 from approvals.queue.models import OPEN, ApprovalRequest
 from approvals.queue.selectors import QueueFilters, can_review
-from approvals.queue.services import QUEUE_GROUP
+from approvals.queue.transitions import QUEUE_GROUP
 from approvals.queue.views import LiveQueue, LiveRequest
 from approvals.roles import REVIEW
 from orchestration.consumers import (

@@ -4,8 +4,8 @@ An open action request past its deadline gets its rule's ``on_expiry``: ``deny``
 expires it and the gate denies the action; ``approve`` approves the action under review;
 ``escalate`` hands it to the escalation team with a new deadline, once (an escalated request that
 expires again is denied); ``halt`` halts the run. Shortly before a deadline the queue is warned,
-once per request. Each change commits with its ledger record; the run resumes and the queue is
-told after commit."""
+once per request. Each change is a transition of ``approvals.queue.transitions``, committed with
+its ledger record; the run resumes and the queue is told after commit."""
 
 from contextlib import suppress
 from datetime import timedelta
@@ -13,22 +13,15 @@ from datetime import timedelta
 from django.db import transaction
 from django.utils import timezone
 
+from approvals.queue import transitions
 from approvals.queue.models import OPEN, ApprovalRequest, RequestKind, RequestStatus
-from approvals.queue.services import lock_run_of, requests_close_for_run
-from orchestration.broadcast import broadcast
+from approvals.queue.transitions import DEADLINE
 from orchestration.ledger.chain import ledger_append
 from orchestration.runs.services import RunError, run_halt, run_resume
 
-ACTOR = "deadline"
 WARN_FRACTION = 0.2
 WARN_AT_MOST = timedelta(minutes=5)
 EXPIRED_REASON = "expired without a decision"
-
-
-def _queue_changed(request_id: int) -> None:
-    transaction.on_commit(
-        lambda: broadcast("approvals.queue", "queue.changed", request_id=request_id)
-    )
 
 
 def warn_window(request: ApprovalRequest) -> timedelta:
@@ -68,8 +61,8 @@ def requests_sweep(*, now=None) -> dict[str, int]:
 def request_warn(request_id: int, *, now=None) -> int:
     """Record (once) that a request's deadline is near, and tell the queue."""
     now = now or timezone.now()
-    with transaction.atomic():
-        locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
+    with transaction.atomic(durable=True):
+        locked = transitions.lock(request_id)
         if locked.status not in OPEN or locked.obligations.get("warned"):
             return 0
         ApprovalRequest.objects.filter(pk=locked.pk).update(
@@ -77,7 +70,7 @@ def request_warn(request_id: int, *, now=None) -> int:
         )
         ledger_append(
             "approval.deadline_warning",
-            actor=ACTOR,
+            actor=DEADLINE,
             outcome="warned",
             **locked.ledger_refs(),
             payload={
@@ -86,7 +79,7 @@ def request_warn(request_id: int, *, now=None) -> int:
                 "team": locked.team,
             },
         )
-        _queue_changed(locked.pk)
+        transitions.queue_changed(locked.pk)
     return 1
 
 
@@ -94,87 +87,38 @@ def request_expire(request_id: int, *, now=None) -> str | None:
     """Apply ``on_expiry`` to one request past its deadline; returns what happened (expired,
     approved, escalated, halted), or None if it was decided or extended meanwhile."""
     now = now or timezone.now()
-    with transaction.atomic():
-        lock_run_of(request_id)
-        locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
+    with transaction.atomic(durable=True):
+        locked = transitions.lock(request_id)
         if locked.status not in OPEN or locked.deadline is None or locked.deadline > now:
             return None
         obligations = locked.obligations or {}
         on_expiry = obligations.get("on_expiry") or "deny"
         if locked.status == RequestStatus.ESCALATED and on_expiry == "escalate":
             on_expiry = "deny"  # escalated once: the second deadline denies
-        common = {**locked.ledger_refs(), "actor": ACTOR}
         payload = {"deadline": locked.deadline.isoformat(), "on_expiry": on_expiry}
         if on_expiry == "approve":
-            status = (
-                RequestStatus.EDITED if locked.approved_args is not None else RequestStatus.APPROVED
-            )
-            ApprovalRequest.objects.filter(pk=locked.pk).update(
-                status=status,
-                approved_hash=locked.action_hash,
-                decided_by=ACTOR,
-                decided_at=now,
-            )
-            ledger_append(
-                "approval.expiry_approved",
-                outcome="expiry_approved",
-                payload={**payload, "action_hash": locked.action_hash, "status": status},
-                **common,
-            )
+            transitions.approve_on_expiry(locked, payload=payload, now=now)
             run_resume(run_id=locked.run_id, note="Approved on expiry of its deadline.")
-            outcome = "approved"
-        elif on_expiry == "escalate":
+            return "approved"
+        if on_expiry == "escalate":
             team = obligations.get("escalation_team") or locked.team
-            minutes = obligations.get("deadline_minutes") or 60
-            deadline = now + timedelta(minutes=minutes)
-            ApprovalRequest.objects.filter(pk=locked.pk).update(
-                status=RequestStatus.ESCALATED,
-                team=team,
-                deadline=deadline,
-                claimed_by=None,
-                claimed_at=None,
-                claim_expires_at=None,
-            )
-            ledger_append(
-                "approval.escalated",
-                outcome="escalated",
-                payload={
-                    **payload,
-                    "from_team": locked.team,
-                    "to_team": team,
-                    "new_deadline": deadline.isoformat(),
-                },
-                **common,
-            )
-            outcome = "escalated"
-        elif on_expiry == "halt":
+            deadline = now + timedelta(minutes=obligations.get("deadline_minutes") or 60)
+            transitions.escalate(locked, team=team, deadline=deadline, payload=payload)
+            return "escalated"
+        if on_expiry == "halt":
             reason = f"approval request {locked.pk} {EXPIRED_REASON}"
             ledger_append(
                 "approval.expiry_halted",
+                actor=DEADLINE,
                 outcome="expiry_halted",
                 reason=reason,
                 payload=payload,
-                **common,
+                **locked.ledger_refs(),
             )
             with suppress(RunError):  # a run already final: its request still closes
-                run_halt(run=locked.run_id, by=ACTOR, reason=reason)
-            requests_close_for_run(locked.run_id, by=ACTOR, reason=reason)
-            outcome = "halted"
-        else:
-            ApprovalRequest.objects.filter(pk=locked.pk).update(
-                status=RequestStatus.EXPIRED,
-                reason=EXPIRED_REASON,
-                decided_by=ACTOR,
-                decided_at=now,
-            )
-            ledger_append(
-                "approval.expired",
-                outcome="expired",
-                reason=EXPIRED_REASON,
-                payload=payload,
-                **common,
-            )
-            run_resume(run_id=locked.run_id, note="An approval request expired without a decision.")
-            outcome = "expired"
-        _queue_changed(locked.pk)
-    return outcome
+                run_halt(run=locked.run_id, by=DEADLINE, reason=reason)
+            transitions.halt_run(locked.run_id, by=DEADLINE, reason=reason)
+            return "halted"
+        transitions.expire(locked, reason=EXPIRED_REASON, payload=payload, now=now)
+        run_resume(run_id=locked.run_id, note="An approval request expired without a decision.")
+        return "expired"

@@ -1,4 +1,5 @@
-"""Approval requests: actions the gate asked a human about, and questions from ``ask_human``."""
+"""Approval requests: actions the gate asked a human about, and questions from ``ask_human``.
+Their statuses change only through ``approvals.queue.transitions``."""
 
 from django.conf import settings
 from django.db import models
@@ -21,6 +22,8 @@ class RequestStatus(models.TextChoices):
 
 
 OPEN = [RequestStatus.PENDING, RequestStatus.ESCALATED]
+GRANTED = [RequestStatus.APPROVED, RequestStatus.EDITED]
+APPROVALS = ["approve", "edit"]  # the decisions that approve the hash they carry
 
 
 class ReviewerTeam(models.Model):
@@ -58,10 +61,20 @@ class ApprovalRequest(models.Model):
     quorum = models.PositiveSmallIntegerField(default=1)
     deadline = models.DateTimeField(null=True, blank=True, db_index=True)
     risk_score = models.PositiveSmallIntegerField(default=0)
-    # The arguments to execute once approved (the original ones, or a reviewer's edit) and the
-    # hash the approval was given for.
+    # ``action_hash`` is the hash under review: of ``args`` as proposed or, after a reviewer's
+    # edit, of ``approved_args`` (the edit, which executes once approved; null: no edit).
+    # ``approved_hash`` is the hash the approval was given for.
     approved_args = models.JSONField(null=True, blank=True)
     approved_hash = models.CharField(max_length=64, blank=True)
+    edited_by = models.CharField(max_length=150, blank=True, help_text="who made the edit")
+    supersedes = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="superseded_by",
+        help_text="the request this one replaces (the action or its obligations changed)",
+    )
     answer = models.TextField(blank=True)
     reason = models.TextField(blank=True, help_text="rejection or halt reason")
     decided_by = models.CharField(max_length=150, blank=True)
@@ -87,15 +100,23 @@ class ApprovalRequest(models.Model):
         what = self.tool or "question"
         return f"request {self.pk}: {what} (run {self.run_id})"
 
+    @property
+    def args_under_review(self) -> dict:
+        """What an approval now approves: the reviewer's edit, else the proposed arguments."""
+        return self.approved_args if self.approved_args is not None else self.args
+
     def ledger_refs(self) -> dict:
-        """The columns a ledger record about this request is searched by."""
+        """The columns a ledger record about this request is searched by; the agent is the one
+        that acted (a nested agent, not necessarily the run's)."""
+        from orchestration.registry.models import Agent
         from orchestration.runs.models import Run
 
         run = Run.objects.filter(pk=self.run_id).values("workflow", "agent_id").first() or {}
+        acting = Agent.objects.filter(name=self.agent).values_list("pk", flat=True).first()
         return {
             "run_id": self.run_id,
             "approval_id": self.pk,
-            "agent_id": run.get("agent_id"),
+            "agent_id": acting if acting is not None else run.get("agent_id"),
             "workflow": run.get("workflow", ""),
             "tool": self.tool,
             "risk": self.risk_score if self.kind == RequestKind.ACTION else None,

@@ -1,17 +1,19 @@
 """Reads for the queue pages and their live fragments: the reviewer's open requests, filtered and
-sorted by deadline then risk, each with a one-line summary and a risk band; and the snapshot of
-exactly what a request page shows (hashed into each decision)."""
+sorted by deadline then risk, each with a one-line summary of the arguments under review, a risk
+band and its approvals so far; and the snapshot of exactly what a request page shows (hashed
+into each decision)."""
 
 from dataclasses import dataclass
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 from django.utils.http import urlencode
 
 from approvals.access import visible_to
-from approvals.queue.models import OPEN, ApprovalRequest, RequestKind
+from approvals.queue.models import APPROVALS, OPEN, ApprovalRequest, Decision, RequestKind
 from approvals.roles import REVIEW
+from orchestration.canonical import args_diff
 from orchestration.registry.declare import RegistryError, get_tool
 
 BANDS = (("low", 0, 39), ("medium", 40, 69), ("high", 70, 100))
@@ -53,11 +55,12 @@ def _ordered(tool: str, args: dict) -> list[str]:
 
 
 def summary(request: ApprovalRequest) -> str:
-    """One line a human reads: ``payments.refund: order_id A-1004, amount 1899``."""
+    """One line a human reads: ``payments.refund: order_id A-1004, amount 1899`` (the
+    arguments under review: after an edit, the edited ones)."""
     if request.kind == RequestKind.QUESTION:
         line = request.question
     else:
-        values = request.args or {}
+        values = request.args_under_review or {}
         args = ", ".join(f"{k} {_value(values[k])}" for k in _ordered(request.tool, values))
         line = f"{request.tool}: {args}" if args else request.tool
     return line if len(line) <= SUMMARY_LENGTH else line[: SUMMARY_LENGTH - 1] + "…"
@@ -91,13 +94,36 @@ class QueueFilters:
         return any(self.__dict__.values())
 
 
+APPROVALS_GIVEN = Prefetch(
+    "decisions",
+    queryset=Decision.objects.filter(verdict__in=APPROVALS).select_related("reviewer"),
+    to_attr="approval_decisions",
+)
+
+
 def open_requests(user) -> QuerySet[ApprovalRequest]:
     return (
         visible_to(user)
         .filter(status__in=OPEN)
         .select_related("claimed_by")
+        .prefetch_related(APPROVALS_GIVEN)
         .order_by("deadline", "-risk_score", "id")
     )
+
+
+def approvers(request: ApprovalRequest) -> list[str]:
+    """Who approved the hash now under review (an edit restarts the count), in order."""
+    decisions = getattr(request, "approval_decisions", None)
+    if decisions is None:
+        decisions = request.decisions.filter(verdict__in=APPROVALS).select_related("reviewer")
+    return [d.reviewer.get_username() for d in decisions if d.action_hash == request.action_hash]
+
+
+def pending_edit(request: ApprovalRequest) -> dict[str, Any] | None:
+    """A reviewer's edit under review: who made it and what it changed from the proposal."""
+    if request.approved_args is None:
+        return None
+    return {"by": request.edited_by, "diff": args_diff(request.args, request.approved_args)}
 
 
 def _claim_live(request: ApprovalRequest, now) -> bool:
@@ -113,6 +139,8 @@ def decorate(request: ApprovalRequest, user=None, now=None) -> ApprovalRequest:
     request.holder = request.claimed_by.get_username() if _claim_live(request, now) else ""
     request.mine = bool(user and request.holder and request.claimed_by_id == user.pk)
     request.overdue = bool(request.deadline and request.deadline <= now)
+    request.approvers = approvers(request) if request.kind == RequestKind.ACTION else []
+    request.edit = pending_edit(request)
     return request
 
 
@@ -159,13 +187,21 @@ def filter_choices(user) -> dict[str, list[str]]:
 
 
 def request_snapshot(request: ApprovalRequest) -> dict[str, Any]:
-    """Exactly what the request page shows a reviewer deciding."""
+    """Exactly what the request page shows a reviewer deciding: the arguments under review and
+    their hash (an approval approves exactly these), the edit that made them and the approvals
+    they have so far."""
     verdict = request.verdict or {}
+    edit = pending_edit(request)
     return {
         "request_id": request.pk,
         "kind": request.kind,
         "tool": request.tool,
-        "args": request.args,
+        "args": request.args_under_review,
+        "action_hash": request.action_hash,
+        **({"proposed_args": request.args, "edit": edit} if edit else {}),
+        "team": request.team,
+        "quorum": request.quorum,
+        "approvals": approvers(request) if request.kind == RequestKind.ACTION else [],
         "summary": summary(request),
         "question": request.question,
         "choices": request.choices,

@@ -1,24 +1,30 @@
-"""Deciding approval requests. Each decision and its ledger record commit together; the run is
-resumed after commit. Quorum counts distinct reviewers approving the same action hash; an edit
-makes a new hash and restarts the count. Whoever started the run, and the agent's owner, cannot
-approve their own request."""
+"""The approval services reviewers call (views, consumers, tasks): claim, release, decide, and
+the beat's claim expiry. Each opens one durable transaction, checks who may act
+(``approvals.access``, separation of duties) and applies one transition of
+``approvals.queue.transitions``, which locks, checks the state and writes the ledger record;
+the run resumes and the queue is told after commit.
 
+A decision carries the action hash the reviewer was shown (``shown_hash``): a decision on
+arguments no longer under review (another reviewer edited them meanwhile) is refused with
+``StaleReview``. Quorum counts distinct reviewers approving the same hash; an edit makes a new
+hash and restarts the count. Whoever started the run, and the agent's owner, cannot approve
+their own request."""
+
+from contextlib import suppress
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from approvals.access import check_team
-from approvals.queue.models import OPEN, ApprovalRequest, Decision, RequestKind, RequestStatus
-from orchestration.broadcast import broadcast
-from orchestration.canonical import action_hash, args_diff, canonical_json, sha256_hex
-from orchestration.ledger.chain import ledger_append
+from approvals.queue import transitions
+from approvals.queue.models import GRANTED, ApprovalRequest, RequestStatus
 from orchestration.registry.declare import get_tool
 from orchestration.runs.models import Run
-from orchestration.runs.services import run_halt, run_resume
+from orchestration.runs.services import RunError, run_halt, run_resume
 
 VERDICTS = {"approve", "edit", "reject", "halt", "answer"}
 SIMILAR_SCOPES = {"run", "hour"}
@@ -26,129 +32,38 @@ SIMILAR_HOUR = timedelta(hours=1)
 SIMILAR_MAX_USES = 10
 
 
-class AlreadyDecided(Exception):
-    """The request was decided (or closed) by someone else first."""
-
-    def __init__(self, request: ApprovalRequest) -> None:
-        super().__init__(f"already {request.status} by {request.decided_by or 'someone else'}")
-        self.request = request
-
-
-class ClaimedByOther(Exception):
-    """Another reviewer holds a live claim on the request."""
-
-    def __init__(self, request: ApprovalRequest) -> None:
-        super().__init__(f"claimed by {request.claimed_by.get_username()}")
-        self.request = request
-
-
-QUEUE_GROUP = "approvals.queue"
-
-
-def queue_changed(request_id: int) -> None:
-    """After commit, the live queue pages re-read (the event carries the id only)."""
-    transaction.on_commit(lambda: broadcast(QUEUE_GROUP, "queue.changed", request_id=request_id))
+def _pk(request: ApprovalRequest | int) -> int:
+    return request if isinstance(request, int) else request.pk
 
 
 def approval_claim(*, request: ApprovalRequest | int, reviewer) -> ApprovalRequest:
     """Claim an open request for a while (``BATON_CLAIM_SECONDS``); another reviewer's live
     claim is a conflict. Claiming again renews it."""
-    request_id = request if isinstance(request, int) else request.pk
-    with transaction.atomic():
-        locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
+    with transaction.atomic(durable=True):
+        locked = transitions.lock(_pk(request))
         check_team(locked, reviewer)
-        if locked.status not in OPEN:
-            raise AlreadyDecided(locked)
         now = timezone.now()
-        held = locked.claimed_by_id and locked.claim_expires_at and locked.claim_expires_at > now
-        if held and locked.claimed_by_id != reviewer.pk:
-            raise ClaimedByOther(locked)
-        ApprovalRequest.objects.filter(pk=locked.pk).update(
-            claimed_by=reviewer,
-            claimed_at=now,
-            claim_expires_at=now + timedelta(seconds=settings.BATON_CLAIM_SECONDS),
-        )
-        if not held:
-            ledger_append(
-                "approval.claimed",
-                actor=reviewer,
-                outcome="claimed",
-                **locked.ledger_refs(),
-                payload={},
-            )
-    queue_changed(locked.pk)
-    locked.refresh_from_db()
+        until = now + timedelta(seconds=settings.BATON_CLAIM_SECONDS)
+        transitions.claim(locked, reviewer=reviewer, until=until, now=now)
     return locked
 
 
 def approval_release(*, request: ApprovalRequest | int, reviewer) -> ApprovalRequest:
-    request_id = request if isinstance(request, int) else request.pk
-    with transaction.atomic():
-        locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
-        if locked.claimed_by_id != reviewer.pk:
-            raise PermissionDenied("You do not hold this request.")
-        ApprovalRequest.objects.filter(pk=locked.pk).update(
-            claimed_by=None, claimed_at=None, claim_expires_at=None
-        )
-        ledger_append(
-            "approval.released",
-            actor=reviewer,
-            outcome="released",
-            **locked.ledger_refs(),
-            payload={},
-        )
-    queue_changed(locked.pk)
-    locked.refresh_from_db()
+    with transaction.atomic(durable=True):
+        locked = transitions.lock(_pk(request))
+        transitions.release(locked, reviewer=reviewer)
     return locked
 
 
 def claims_expire(*, now=None) -> int:
     """Beat: idle claims lapse, so a request cannot stay stuck with an absent reviewer."""
     now = now or timezone.now()
-    with transaction.atomic():
-        expired = list(
-            ApprovalRequest.objects.select_for_update()
-            .filter(claim_expires_at__lte=now, claimed_by__isnull=False)
-            .select_related("claimed_by")
-        )
-        for request in expired:
-            queue_changed(request.pk)
-            ApprovalRequest.objects.filter(pk=request.pk).update(
-                claimed_by=None, claimed_at=None, claim_expires_at=None
-            )
-            ledger_append(
-                "approval.claim_expired",
-                actor="system",
-                outcome="claim_expired",
-                payload={"claimed_by": request.claimed_by.get_username()},
-                **request.ledger_refs(),
-            )
-    return len(expired)
-
-
-def requests_close_for_run(run_id: int, *, by, reason: str) -> int:
-    """Inside a halt's transaction: every open request of the run closes, each recorded."""
-    closed = 0
-    for request in ApprovalRequest.objects.select_for_update().filter(
-        run_id=run_id, status__in=OPEN
-    ):
-        ApprovalRequest.objects.filter(pk=request.pk).update(
-            status=RequestStatus.HALTED,
-            reason=reason,
-            decided_by=by.get_username() if hasattr(by, "get_username") else str(by),
-            decided_at=timezone.now(),
-        )
-        ledger_append(
-            "approval.halted",
-            actor=by,
-            outcome="halted",
-            reason=reason,
-            **request.ledger_refs(),
-            payload={"reason": reason},
-        )
-        queue_changed(request.pk)
-        closed += 1
-    return closed
+    due = ApprovalRequest.objects.filter(claim_expires_at__lte=now, claimed_by__isnull=False)
+    released = 0
+    for request_id in list(due.values_list("pk", flat=True)):
+        with transaction.atomic(durable=True):
+            released += transitions.release_expired(transitions.lock(request_id), now=now)
+    return released
 
 
 def _check_separation_of_duties(request: ApprovalRequest, reviewer) -> None:
@@ -159,28 +74,23 @@ def _check_separation_of_duties(request: ApprovalRequest, reviewer) -> None:
         raise PermissionDenied("You own this agent; another reviewer must decide.")
 
 
-def lock_run_of(request_id: int) -> None:
-    """Lock the request's run first. Deciding, expiring and halting all lock the run, the
-    request and the ledger's head; taking them in that order everywhere keeps a decision and a
-    concurrent halt of the same run from deadlocking."""
-    run_id = ApprovalRequest.objects.values_list("run_id", flat=True).get(pk=request_id)
-    list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
-
-
 def approval_decide(
     *,
     request: ApprovalRequest | int,
     reviewer,
     verdict: str,
+    shown_hash: str | None = None,
     args: dict[str, Any] | None = None,
     comment: str = "",
     answer: str = "",
-    snapshot: dict[str, Any] | None = None,
     allow_similar: str | None = None,
 ) -> ApprovalRequest:
-    """Record one reviewer's decision. ``allow_similar`` ("run" or "hour"), with an approval that
-    decides the request and where the rule permits it, also grants the agent similar actions
-    (the same tool, within the approved arguments) for the run or for an hour."""
+    """Record one reviewer's decision on the arguments they were shown: ``shown_hash``, the
+    action hash the request page showed them (None: whatever is under review when this runs,
+    for callers that read and decide at once). ``allow_similar`` ("run" or "hour"), with an
+    approval that decides the request and where the rule permits it, also grants the agent
+    similar actions (the same tool, within the approved arguments) for the run or for an
+    hour."""
     if verdict not in VERDICTS:
         raise ValidationError(f"Unknown verdict {verdict!r}.")
     if allow_similar is not None:
@@ -190,108 +100,43 @@ def approval_decide(
             raise ValidationError({"allow_similar": "Only an approval can allow similar actions."})
     if verdict in {"reject", "halt"} and not comment.strip():
         raise ValidationError({"comment": "A reason is required."})
-    request_id = request if isinstance(request, int) else request.pk
-    resume = False
-    with transaction.atomic():
-        lock_run_of(request_id)
-        locked = ApprovalRequest.objects.select_for_update().get(pk=request_id)
+    with transaction.atomic(durable=True):
+        locked = transitions.lock(_pk(request))
         check_team(locked, reviewer)
-        if locked.status not in OPEN:
-            raise AlreadyDecided(locked)
-        now = timezone.now()
-        if (
-            locked.claimed_by_id not in (None, reviewer.pk)
-            and locked.claim_expires_at
-            and locked.claim_expires_at > now
-        ):
-            raise ClaimedByOther(locked)
         if verdict in {"approve", "edit", "answer"}:
             _check_separation_of_duties(locked, reviewer)
-        decided_hash, edited, diff = locked.action_hash, None, None
-        if verdict == "edit":
-            edited = _validated(locked.tool, args or {})
-            decided_hash = action_hash(locked.tool, edited)
-            diff = args_diff(locked.args, edited)
-            if not diff:
-                edited, verdict = None, "approve"
-        if verdict == "answer":
-            if locked.kind != RequestKind.QUESTION:
-                raise ValidationError("Only questions take an answer.")
-            if locked.choices and answer not in locked.choices:
-                raise ValidationError({"answer": f"Choose one of: {', '.join(locked.choices)}."})
-        shown = snapshot or {}
-        try:
-            decision = Decision.objects.create(
-                request=locked,
-                reviewer=reviewer,
-                verdict=verdict,
-                action_hash=decided_hash,
-                edited_args=edited,
-                diff=diff,
-                comment=comment,
-                snapshot=shown,
-                snapshot_hash=sha256_hex(canonical_json(shown)),
-            )
-        except IntegrityError:
-            raise AlreadyDecided(locked) from None
-        by = reviewer.get_username()
-        # Deciding an unclaimed request claims it implicitly.
-        fields: dict[str, Any] = {"claimed_by": reviewer, "claimed_at": now}
-        if verdict == "reject":
-            fields.update({"status": RequestStatus.REJECTED, "reason": comment})
-        elif verdict == "halt":
-            fields.update({"status": RequestStatus.HALTED, "reason": comment})
-        elif verdict == "answer":
-            fields.update({"status": RequestStatus.APPROVED, "answer": answer})
-        else:  # approve or edit: quorum counts approvals of the hash under review
-            target_args = edited if edited is not None else locked.approved_args
-            approvals = locked.decisions.filter(
-                verdict__in=["approve", "edit"], action_hash=decided_hash
-            ).count()
-            fields.update({"action_hash": decided_hash, "approved_args": target_args})
-            if approvals >= locked.quorum:
-                fields["approved_hash"] = decided_hash
-                fields["status"] = (
-                    RequestStatus.EDITED if target_args is not None else RequestStatus.APPROVED
-                )
-        if "status" in fields:
-            fields.update(decided_by=by, decided_at=now)
-            resume = True
-        ApprovalRequest.objects.filter(pk=locked.pk).update(**fields)
-        similar = {}
+        now = timezone.now()
+        decided = {"reviewer": reviewer, "shown_hash": shown_hash, "now": now}
+        also = None
         if allow_similar is not None:
-            grant = _allow_similar(locked, fields, allow_similar, reviewer, now)
-            similar = {"allow_similar": {"scope": allow_similar, "grant": grant.pk}}
-        ledger_append(
-            f"approval.{'answered' if verdict == 'answer' else 'decided'}",
-            actor=reviewer,
-            outcome=verdict,
-            reason=comment or answer or "",
-            **locked.ledger_refs(),
-            payload={
-                "verdict": verdict,
-                "action_hash": decided_hash,
-                "diff": diff,
-                "comment": comment,
-                "answer": answer,
-                "snapshot_hash": decision.snapshot_hash,
-                "status": fields.get("status", locked.status),
-                **similar,
-            },
-        )
-        if verdict == "halt":
-            run_halt(run=locked.run_id, by=reviewer, reason=comment)
-            requests_close_for_run(locked.run_id, by=reviewer, reason=comment)
-            resume = False
-        elif resume:
-            run_resume(run_id=locked.run_id, note=f"{by} decided: {verdict}")
-    queue_changed(locked.pk)
+
+            def also(approved: ApprovalRequest) -> dict[str, Any]:
+                grant = _allow_similar(approved, allow_similar, reviewer, now)
+                return {"allow_similar": {"scope": allow_similar, "grant": grant.pk}}
+
+        if verdict == "approve":
+            transitions.approve(locked, comment=comment, also=also, **decided)
+        elif verdict == "edit":
+            edited = _validated(locked.tool, args or {})
+            transitions.edit(locked, args=edited, comment=comment, also=also, **decided)
+        elif verdict == "reject":
+            transitions.reject(locked, reason=comment, **decided)
+        elif verdict == "answer":
+            transitions.answer(locked, answer=answer, **decided)
+        else:
+            transitions.halt_decision(locked, reason=comment, **decided)
+            with suppress(RunError):  # a run already final: its requests still close
+                run_halt(run=locked.run_id, by=reviewer, reason=comment)
+            transitions.halt_run(locked.run_id, by=reviewer, reason=comment)
+        if locked.status in {*GRANTED, RequestStatus.REJECTED}:
+            run_resume(run_id=locked.run_id, note=f"{locked.decided_by} decided: {verdict}")
     locked.refresh_from_db()
     return locked
 
 
-def _allow_similar(locked: ApprovalRequest, fields: dict[str, Any], scope: str, reviewer, now):
-    """Inside the decision's transaction: the reviewer's grant for similar actions."""
+def _allow_similar(locked: ApprovalRequest, scope: str, reviewer, now):
+    """Inside the decision's transaction: the reviewer's grant for similar actions, recorded
+    with the decision's ledger record."""
     from approvals.policy.services import grant_create
     from approvals.policy.similar import REVIEWER, similar_condition
     from orchestration.registry.models import Tool
@@ -300,23 +145,26 @@ def _allow_similar(locked: ApprovalRequest, fields: dict[str, Any], scope: str, 
         raise ValidationError({"allow_similar": "The rule does not permit allowing similar."})
     if Tool.objects.filter(name=locked.tool, allow_similar_forbidden=True).exists():
         raise ValidationError({"allow_similar": f"Admins forbid allowing similar {locked.tool}."})
-    if fields.get("status") not in (RequestStatus.APPROVED, RequestStatus.EDITED):
+    if locked.status not in GRANTED:
         raise ValidationError(
             {"allow_similar": f"Only the approval that decides (quorum {locked.quorum}) can."}
         )
     run = Run.objects.select_related("agent").get(pk=locked.run_id)
     if run.agent is None:
         raise ValidationError({"allow_similar": "This run has no agent to allow anything."})
-    approved = fields["approved_args"] if fields.get("approved_args") is not None else locked.args
+    approved = locked.args_under_review
     return grant_create(
         agent=run.agent,
         tool_pattern=locked.tool,
         by=reviewer,
-        condition=similar_condition(approved),
+        condition=similar_condition(
+            approved, labels=locked.verdict.get("labels", []), score=locked.risk_score
+        ),
         run_id=run.pk if scope == "run" else None,
         expires_at=now + SIMILAR_HOUR if scope == "hour" else None,
         max_uses=SIMILAR_MAX_USES,
         source=REVIEWER,
+        request=locked,
     )
 
 

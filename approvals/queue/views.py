@@ -27,13 +27,8 @@ from approvals.policy.similar import REVIEWER
 from approvals.queue import selectors
 from approvals.queue.models import OPEN, ApprovalRequest, RequestKind
 from approvals.queue.selectors import QueueFilters
-from approvals.queue.services import (
-    AlreadyDecided,
-    ClaimedByOther,
-    approval_claim,
-    approval_decide,
-    approval_release,
-)
+from approvals.queue.services import approval_claim, approval_decide, approval_release
+from approvals.queue.transitions import AlreadyDecided, ClaimedByOther, StaleReview
 from approvals.roles import MANAGE_POLICY, REVIEW, role_required
 from orchestration.canonical import args_diff
 from orchestration.ledger.models import AuditRecord
@@ -103,10 +98,11 @@ def edit_form(approval: ApprovalRequest, data=None) -> WorkflowInputForm | None:
         schema = get_tool(approval.tool).schema
     except RegistryError:
         return None
-    form = WorkflowInputForm(schema, data, prefix="arg", initial=approval.args)
+    args = approval.args_under_review
+    form = WorkflowInputForm(schema, data, prefix="arg", initial=args)
     for name, field in form.fields.items():
-        if name in approval.args:
-            field.initial = approval.args[name]
+        if name in args:
+            field.initial = args[name]
     return form
 
 
@@ -127,7 +123,8 @@ def request_context(approval: ApprovalRequest, user, **extra: Any) -> dict[str, 
         "run": run,
         "facts": run_selectors.run_facts(run) if run else {},
         "timeline": run_selectors.run_timeline(run) if run else [],
-        "args_rows": run_selectors.pairs(approval.args or {}),
+        "args_rows": run_selectors.pairs(approval.args_under_review or {}),
+        "decided_by_you": bool(user and approval.decisions.filter(reviewer=user).exists()),
         "factors": verdict.get("factors") or [],
         "rules": verdict.get("rules") or [],
         "policy_version": verdict.get("policy_version"),
@@ -165,8 +162,14 @@ def _refused(request: HttpRequest, approval: ApprovalRequest, exc: Exception) ->
     """A conflict or a refusal, answered with the refreshed panel and the reason."""
     if isinstance(exc, AlreadyDecided):
         approval.refresh_from_db()
-        who = approval.decided_by or "someone else"
-        message, status = f"This request was already decided by {who} ({approval.status}).", 409
+        if approval.status in OPEN:  # this reviewer decided it before
+            message, status = f"You {exc}.", 409
+        else:
+            who = approval.decided_by or "someone else"
+            message = f"This request was already decided by {who} ({approval.status})."
+            status = 409
+    elif isinstance(exc, StaleReview):
+        message, status = str(exc), 409
     elif isinstance(exc, ClaimedByOther):
         message, status = f"This request is claimed by {exc.request.claimed_by}.", 409
     else:
@@ -217,7 +220,10 @@ def request_decide(request: HttpRequest, request_id: int) -> HttpResponse:
     approval = _get(request_id, request.user)
     verdict = request.POST.get("verdict", "")
     comment = request.POST.get("comment", "").strip()
-    snapshot = selectors.request_snapshot(approval)
+    # The hash of the arguments the page showed; deciding on any other is a conflict.
+    shown_hash = request.POST.get("action_hash", "")
+    if approval.status in OPEN and shown_hash != approval.action_hash:
+        return _refused(request, approval, StaleReview(approval))
     kwargs: dict[str, Any] = {"comment": comment}
     extra: dict[str, Any] = {}
     similar = request.POST.get("allow_similar", "")
@@ -239,7 +245,8 @@ def request_decide(request: HttpRequest, request_id: int) -> HttpResponse:
             )
         edited = form.workflow_input()
         if request.POST.get("confirm") != "1":
-            diff = [(k, old, new) for k, (old, new) in args_diff(approval.args, edited).items()]
+            changes = args_diff(approval.args_under_review, edited)
+            diff = [(k, old, new) for k, (old, new) in changes.items()]
             return _request_response(
                 request, approval, "request-panel", open_form="edit", form=form,
                 diff=diff, confirming=True, comment=comment,
@@ -257,10 +264,10 @@ def request_decide(request: HttpRequest, request_id: int) -> HttpResponse:
             request=approval.pk,
             reviewer=request.user,
             verdict=verdict,
-            snapshot=snapshot,
+            shown_hash=shown_hash,
             **kwargs,
         )
-    except (AlreadyDecided, ClaimedByOther, PermissionDenied) as exc:
+    except (AlreadyDecided, ClaimedByOther, StaleReview, PermissionDenied) as exc:
         return _refused(request, approval, exc)
     except ValidationError as exc:
         errors = _field_errors(exc)
@@ -272,7 +279,11 @@ def request_decide(request: HttpRequest, request_id: int) -> HttpResponse:
             request, approval, "request-panel", 422, open_form=verdict, errors=errors, **extra
         )
     if decided.status in OPEN:
-        message = "Your approval is recorded; the request needs more reviewers."
+        given = len(selectors.approvers(decided))
+        message = (
+            f"Your {'edit' if verdict == 'edit' else 'approval'} is recorded: "
+            f"{given} of {decided.quorum} approvals; another reviewer must approve."
+        )
     else:
         message = f"Request {decided.pk}: {decided.get_status_display()}."
     if "allow_similar" in kwargs:

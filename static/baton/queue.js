@@ -127,7 +127,7 @@
       case "Enter": if (row && !(event.target.closest && event.target.closest("a, button"))) open(""); else return; break;
       case "c": if (row) post(row, row.getAttribute("data-claim-url")); break;
       case "a":
-        if (row && row.getAttribute("data-kind") === "action") post(row, row.getAttribute("data-decide-url"), { verdict: "approve" });
+        if (row && row.getAttribute("data-kind") === "action") post(row, row.getAttribute("data-decide-url"), { verdict: "approve", action_hash: row.getAttribute("data-action-hash") });
         else if (row) open("");
         break;
       case "e": open("edit"); break;

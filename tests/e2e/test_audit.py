@@ -12,7 +12,6 @@ from django.contrib.auth.models import Group
 from playwright.sync_api import expect
 
 from approvals.queue.models import Decision
-from approvals.queue.selectors import request_snapshot
 from approvals.queue.services import approval_decide
 from approvals.roles import AUDITOR
 from orchestration.ledger.models import AuditRecord
@@ -31,9 +30,12 @@ def trail(live_server_url):
     request = make_request(make_run(), reasoning="The blender arrived broken <b>twice</b>.")
     dana = member("dana", "finance")
     comment = "Refund the blender only after the return arrives"
-    snapshot = request_snapshot(request)
     approval_decide(
-        request=request, reviewer=dana, verdict="reject", comment=comment, snapshot=snapshot
+        request=request,
+        reviewer=dana,
+        verdict="reject",
+        comment=comment,
+        shown_hash=request.action_hash,
     )
     for n in range(5):
         append("policy.allow", actor="policy-gate", tool="orders.lookup", outcome="allow",

@@ -12,7 +12,6 @@ from django.test import Client
 from approvals.policy.models import PolicyEvaluation
 from approvals.policy.seed import policy_seed
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
-from approvals.queue.selectors import request_snapshot
 from approvals.queue.services import approval_decide
 from approvals.roles import POLICY_ADMIN, REVIEWER
 from orchestration.demo.models import Refund
@@ -34,7 +33,7 @@ def reviewer(name: str, team: str):
 def decide(run_id: int, tool: str, who, verdict: str, **kwargs) -> Decision:
     request = ApprovalRequest.objects.get(run_id=run_id, tool=tool, status="pending")
     approval_decide(
-        request=request, reviewer=who, verdict=verdict, snapshot=request_snapshot(request), **kwargs
+        request=request, reviewer=who, verdict=verdict, shown_hash=request.action_hash, **kwargs
     )
     return Decision.objects.get(request=request, reviewer=who)
 

@@ -7,8 +7,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from approvals.policy.models import Rule
 from approvals.policy.seed import policy_seed
-from approvals.queue import deadlines
+from approvals.policy.services import policy_publish
+from approvals.queue import transitions
 from approvals.queue.deadlines import requests_sweep
 from approvals.queue.models import ApprovalRequest, ReviewerTeam
 from approvals.tasks import sweep_requests
@@ -34,7 +36,7 @@ def policy_gate(settings):
 def broadcasts(monkeypatch):
     sent = []
     monkeypatch.setattr(
-        deadlines, "broadcast", lambda group, event, **ids: sent.append((group, event, ids))
+        transitions, "broadcast", lambda group, event, **ids: sent.append((group, event, ids))
     )
     return sent
 
@@ -96,8 +98,16 @@ def test_by_default_an_expired_request_is_denied_by_the_gate(policy_gate, broadc
     assert ledger_verify().ok
 
 
+def rules_of(request: ApprovalRequest, **fields) -> None:
+    """The policy's rules that asked ``request`` now say ``fields``: published."""
+    Rule.objects.filter(name__in=request.verdict["rules"]).update(**fields)
+    policy_publish(by="policy")
+
+
 def test_on_expiry_approve_approves_the_action_under_review(policy_gate, broadcasts):
-    request = waiting_refund(on_expiry="approve")
+    request = waiting_refund()
+    rules_of(request, on_expiry="approve")
+    request = waiting_refund(on_expiry="approve")  # the same, as opened under that policy
     overdue(request)
     assert requests_sweep()["approved"] == 1
     request.refresh_from_db()
@@ -106,6 +116,21 @@ def test_on_expiry_approve_approves_the_action_under_review(policy_gate, broadca
     assert "approval.expiry_approved" in verbs(request)
     drive(request.run_id)
     assert Refund.objects.get().amount == 1899
+
+
+def test_an_approval_on_expiry_holds_only_while_the_policy_still_approves_on_expiry(
+    policy_gate, broadcasts
+):
+    request = waiting_refund(on_expiry="approve")  # the policy itself says deny on expiry
+    overdue(request)
+    assert requests_sweep()["approved"] == 1
+    run = drive(request.run_id)
+    assert run.status == "waiting" and not Refund.objects.exists()
+    request.refresh_from_db()
+    assert request.status == "superseded"
+    renewed = ApprovalRequest.objects.get(supersedes=request)
+    assert (renewed.status, renewed.obligations["on_expiry"]) == ("pending", "deny")
+    assert renewed.action_hash == request.action_hash
 
 
 def test_escalation_happens_once_then_the_request_is_denied(policy_gate, broadcasts):

@@ -6,6 +6,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import connections
 from django.utils import timezone
@@ -13,13 +14,13 @@ from django.utils import timezone
 from approvals.access import visible_to
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
 from approvals.queue.services import (
-    AlreadyDecided,
-    ClaimedByOther,
     approval_claim,
     approval_decide,
     approval_release,
     claims_expire,
 )
+from approvals.queue.transitions import AlreadyDecided, ClaimedByOther
+from approvals.roles import REVIEWER
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Run
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.django_db
 
 def user(name, *teams):
     account = get_user_model().objects.create_user(name)
+    account.groups.add(Group.objects.get(name=REVIEWER))
     for team in teams:
         ReviewerTeam.objects.get_or_create(name=team)[0].members.add(account)
     return account

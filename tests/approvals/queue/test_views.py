@@ -77,6 +77,11 @@ def make_request(run=None, *, seq=1, team="finance", args=None, score=72, minute
     return ApprovalRequest.objects.create(**fields)
 
 
+def shown(request: ApprovalRequest, **data) -> dict:
+    """A decision's form data, with the action hash the request page showed."""
+    return {"action_hash": request.action_hash, **data}
+
+
 @pytest.fixture
 def fin():
     return member("fin", "finance")
@@ -176,7 +181,7 @@ def test_claim_then_release_and_a_claim_held_by_another_is_409(fin):
     assert response.status_code == 409
     assert "claimed by fin" in response.content.decode()
     response = client_for(dana).post(
-        reverse("approvals:decide", args=[request.pk]), {"verdict": "approve"}, **HX
+        reverse("approvals:decide", args=[request.pk]), shown(request, verdict="approve"), **HX
     )
     assert response.status_code == 409 and "claimed by fin" in response.content.decode()
     response = client.post(reverse("approvals:release", args=[request.pk]), **HX)
@@ -185,19 +190,20 @@ def test_claim_then_release_and_a_claim_held_by_another_is_409(fin):
 
 def test_approve_records_the_snapshot_and_a_second_decision_is_409(fin):
     request = make_request()
+    page = request_snapshot(request)  # what the page shows
     response = client_for(fin).post(
-        reverse("approvals:decide", args=[request.pk]), {"verdict": "approve"}, **HX
+        reverse("approvals:decide", args=[request.pk]), shown(request, verdict="approve"), **HX
     )
     assert response.status_code == 200
     assert response.content.decode().lstrip().startswith('<div id="request-panel"')
     request.refresh_from_db()
     assert request.status == "approved" and request.decided_by == "fin"
     decision = Decision.objects.get(request=request)
-    assert decision.snapshot == request_snapshot(request)
+    assert decision.snapshot == page
     assert decision.snapshot["summary"] == "payments.refund: order_id A-1004, amount 1899"
 
     late = client_for(member("dana", "finance")).post(
-        reverse("approvals:decide", args=[request.pk]), {"verdict": "approve"}, **HX
+        reverse("approvals:decide", args=[request.pk]), shown(request, verdict="approve"), **HX
     )
     assert late.status_code == 409
     assert "already decided by fin" in late.content.decode()
@@ -208,9 +214,13 @@ def test_edit_shows_errors_then_the_diff_then_decides(fin):
     request = make_request()
     url = reverse("approvals:decide", args=[request.pk])
     client = client_for(fin)
-    bad = client.post(url, {"verdict": "edit", "arg-order_id": "A-1004", "arg-amount": "x"}, **HX)
+    bad = client.post(
+        url, shown(request, verdict="edit", **{"arg-order_id": "A-1004", "arg-amount": "x"}), **HX
+    )
     assert bad.status_code == 422 and "Enter a number." in bad.content.decode()
-    data = {"verdict": "edit", "arg-order_id": "A-1004", "arg-amount": "80", "confirm": "0"}
+    data = shown(
+        request, verdict="edit", confirm="0", **{"arg-order_id": "A-1004", "arg-amount": "80"}
+    )
     preview = client.post(url, data, **HX)
     html = preview.content.decode()
     assert preview.status_code == 200 and "Confirm edit &amp; approve" in html
@@ -229,10 +239,12 @@ def test_reject_and_halt_need_a_reason(fin):
     url = reverse("approvals:decide", args=[request.pk])
     client = client_for(fin)
     for verdict in ("reject", "halt"):
-        response = client.post(url, {"verdict": verdict, "comment": " "}, **HX)
+        response = client.post(url, shown(request, verdict=verdict, comment=" "), **HX)
         assert response.status_code == 422
         assert "Say why" in response.content.decode()
-    response = client.post(url, {"verdict": "reject", "comment": "Not this customer."}, **HX)
+    response = client.post(
+        url, shown(request, verdict="reject", comment="Not this customer."), **HX
+    )
     assert response.status_code == 200
     request.refresh_from_db()
     assert request.status == "rejected" and request.reason == "Not this customer."
@@ -243,7 +255,7 @@ def test_separation_of_duties_is_a_403_fragment(fin):
     Run.objects.filter(pk=run.pk).update(started_by=fin)
     request = make_request(run)
     response = client_for(fin).post(
-        reverse("approvals:decide", args=[request.pk]), {"verdict": "approve"}, **HX
+        reverse("approvals:decide", args=[request.pk]), shown(request, verdict="approve"), **HX
     )
     assert response.status_code == 403
     assert "You started this run" in response.content.decode()
@@ -258,7 +270,8 @@ def test_questions_get_an_answer_form_with_choices(fin):
     html = client.get(reverse("approvals:request", args=[request.pk])).content.decode()
     assert 'name="answer" value="ship"' in html and ">Approve</button>" not in html
     response = client.post(
-        reverse("approvals:decide", args=[request.pk]), {"verdict": "answer", "answer": "wait"}
+        reverse("approvals:decide", args=[request.pk]),
+        shown(request, verdict="answer", answer="wait"),
     )
     assert response.status_code == 302
     request.refresh_from_db()
@@ -301,7 +314,7 @@ def test_approve_and_allow_similar_creates_the_reviewers_grant(fin, scope):
     request = make_request(obligations={"allow_similar": True})
     response = client_for(fin).post(
         reverse("approvals:decide", args=[request.pk]),
-        {"verdict": "approve", "allow_similar": scope},
+        shown(request, verdict="approve", allow_similar=scope),
         **HX,
     )
     assert response.status_code == 200, response.content.decode()
@@ -325,7 +338,7 @@ def test_allow_similar_refused_is_a_422_fragment_and_decides_nothing(fin):
     request = make_request()  # the rule did not permit it
     response = client_for(fin).post(
         reverse("approvals:decide", args=[request.pk]),
-        {"verdict": "approve", "allow_similar": "run"},
+        shown(request, verdict="approve", allow_similar="run"),
         **HX,
     )
     html = response.content.decode()
@@ -338,7 +351,7 @@ def test_allow_similar_refused_is_a_422_fragment_and_decides_nothing(fin):
     quorum = make_request(obligations={"allow_similar": True}, quorum=2, seq=2)
     response = client_for(fin).post(
         reverse("approvals:decide", args=[quorum.pk]),
-        {"verdict": "approve", "allow_similar": "hour"},
+        shown(quorum, verdict="approve", allow_similar="hour"),
         **HX,
     )
     assert response.status_code == 422 and "quorum 2" in response.content.decode()
