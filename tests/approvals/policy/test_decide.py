@@ -88,8 +88,8 @@ def labelled_step(run, seq, output, labels):
             "refund-bot",
             "payments.refund",
             {"order_id": "A-1003", "amount": 219},
-            "ask",
-            "needs a reviewer",
+            "allow",
+            "Small refunds within policy",
         ),
         (
             "travel-agent",
@@ -104,14 +104,14 @@ def labelled_step(run, seq, output, labels):
             "infra.run_migration",
             {"service": "billing", "migration": "0042"},
             "ask",
-            "Production changes need two engineers",
+            "Schema migrations need a second engineer",
         ),
         (
             "infra-agent",
             "infra.delete_volume",
             {"volume": "vol-7f3a"},
             "ask",
-            "Production changes need two engineers",
+            "Volume deletions are confirmed first",
         ),
         (
             "travel-agent",
@@ -129,11 +129,13 @@ def test_verdicts_for_the_demo_tools(demo, agent, tool, args, outcome, why):
     assert decision.policy_version == 1
 
 
-def test_production_changes_need_a_quorum_of_two_from_sre(demo):
-    decision = act(run_for(demo["infra-agent"]), "infra.delete_volume", volume="vol-7f3a")
-    assert decision.obligations["quorum"] == 2
+def test_a_schema_migration_goes_to_operations_and_escalates_to_finance(demo):
+    decision = act(
+        run_for(demo["infra-agent"]), "infra.run_migration", service="billing", migration="0042"
+    )
     assert decision.obligations["team"] == "operations"
     assert decision.obligations["escalation_team"] == "finance"
+    assert decision.obligations["quorum"] == 1  # the agent proposes, one engineer seconds
 
 
 def test_risk_factors_are_named_with_their_contribution(demo):
@@ -144,10 +146,10 @@ def test_risk_factors_are_named_with_their_contribution(demo):
         "side effect": 20,
         "impact": 18,
         "irreversible": 15,
-        "Refund above 500": 30,
+        "Refund above 500": 10,
         "low confidence": 10,
     }
-    assert decision.score == 93
+    assert decision.score == 73
 
 
 @pytest.mark.parametrize("status", ["suspended", "paused"])
@@ -270,8 +272,7 @@ def test_taint_a_secret_read_earlier_cannot_be_emailed(demo):
         subject="Backup",
         body="Here it is: postgres://billing:hunter22@db/billing",
     )
-    assert decision.outcome == "deny"
-    assert decision.rules == ["Secrets never leave"]
+    assert (decision.outcome, decision.reason) == ("deny", "rule Secrets never leave")
     assert decision.input["action"]["labels"] == ["secret"]
     clean = act(run, "email.send", seq=3, to="partner@baton.example", subject="Hi", body="Hi")
     assert clean.outcome != "deny"  # the run touched the secret, this email does not carry it
