@@ -165,9 +165,10 @@ def checkpoint_dir(settings, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _ledger_flush_exit():
-    """On PostgreSQL a trigger refuses TRUNCATE and DELETE on the audit ledger (migration
-    0008). The test database's flush after a transactional test opens the one exit meant for
-    it, ``baton.ledger_exit = 'test-teardown'``, local to the flush's own transaction."""
+    """On PostgreSQL triggers refuse TRUNCATE and DELETE on the audit ledger and its head
+    (migration 0011), with no exit for tests. The test database's flush after a transactional
+    test runs with triggers off (``session_replication_role = replica``, which only a superuser
+    may set; the tests connect as one), local to the flush's own transaction."""
     ops_class = type(connection.ops)
     original = ops_class.execute_sql_flush
 
@@ -176,7 +177,7 @@ def _ledger_flush_exit():
             return original(self, sql_list)
         with transaction.atomic(using=self.connection.alias):
             with self.connection.cursor() as cursor:
-                cursor.execute("SET LOCAL baton.ledger_exit = 'test-teardown'")
+                cursor.execute("SET LOCAL session_replication_role = replica")
             return original(self, sql_list)
 
     ops_class.execute_sql_flush = execute_sql_flush

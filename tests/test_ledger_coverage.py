@@ -1,8 +1,9 @@
 """The ledger is complete: every governed change writes its record in the same transaction, and
 when the record cannot be written the change fails with it.
 
-The failure is real, not simulated: ``ledger_fails`` rewinds the chain's head, so the next
-record's sequence collides with an existing one and the database refuses the insert."""
+The failure is real, not simulated: ``ledger_fails`` takes the chain's head away (past the
+database's guard, as only a superuser can), so the next record has nothing to extend and the
+database refuses it."""
 
 from datetime import timedelta
 
@@ -24,12 +25,13 @@ from approvals.queue.services import approval_claim, approval_decide, approval_r
 from orchestration.demo.seed import demo_data_seed
 from orchestration.gate import Action, Question
 from orchestration.ledger.chain import ledger_append
-from orchestration.ledger.models import GENESIS_HASH, AuditRecord, LedgerError, LedgerHead
+from orchestration.ledger.models import AuditRecord, LedgerError
 from orchestration.registry.models import Agent, Tool
 from orchestration.registry.services import tool_update_risk
 from orchestration.runs.models import Run
 from orchestration.runs.services import run_halt, run_retry, run_start
 from tests.orchestration.engine.conftest import drive
+from tests.orchestration.ledger.conftest import tamper
 
 pytestmark = pytest.mark.django_db
 
@@ -39,14 +41,23 @@ LEDGER_FAILURE = (DatabaseError, LedgerError, ObjectDoesNotExist)
 
 @pytest.fixture
 def ledger_fails():
-    """Call it to make the next ledger write fail in the database."""
+    """Call it to make every ledger write fail in the database until ``ledger_mended()``."""
 
     def arm() -> None:
         with transaction.atomic():
             ledger_append("test.marker", actor="system")
-        LedgerHead.objects.filter(pk=1).update(seq=0, hash=GENESIS_HASH)
+        tamper("DELETE FROM orchestration_ledgerhead")
 
     return arm
+
+
+def ledger_mended() -> None:
+    """The head put back on the chain's last record."""
+    last = AuditRecord.objects.order_by("seq").last()
+    tamper(
+        "INSERT INTO orchestration_ledgerhead (id, seq, hash) VALUES (1, %s, %s)",
+        [last.seq, last.hash],
+    )
 
 
 @pytest.fixture
@@ -179,9 +190,7 @@ def test_claim_and_release_fail_without_their_records(world, ledger_fails):
         claim_state(request),
         "approval.claimed",
     )
-    LedgerHead.objects.filter(pk=1).update(
-        seq=AuditRecord.objects.count(), hash=AuditRecord.objects.last().hash
-    )
+    ledger_mended()
     approval_claim(request=request, reviewer=world["reviewer"])
     ledger_fails()
     fails_and_leaves(

@@ -160,8 +160,10 @@ def ledger_append(
     return record
 
 
-# An append on PostgreSQL is one statement: lock the head, hash the record onto it, insert the
-# record and advance the head. The lock is held from that statement to the commit only.
+# An append on PostgreSQL is one statement: lock the head, hash the record onto it and insert
+# the record. The lock is held from that statement to the commit only. On both databases the
+# insert advances the head itself (a trigger, migration 0011), which refuses any record that does
+# not extend it: nothing is written beyond the head, by this code or by anyone else.
 _HEAD_PK = 1
 INSERT_COLUMNS = (
     "seq",
@@ -190,16 +192,13 @@ def _statements(vendor: str) -> dict[str, str]:
     lock = f"SELECT seq, hash FROM {head} WHERE id = {_HEAD_PK}"  # noqa: S608
     statements = {"create_head": create_head, "lock": lock}
     if vendor == "postgresql":
-        # FOR UPDATE waits for a concurrent append to commit and then returns the head it left;
-        # the UPDATE of the same row then follows that version too. sha256(prev_hash || before
-        # || seq || after) is record_digest's hash (see _digest_halves), so verification,
-        # which recomputes it in Python, checks this too.
+        # FOR UPDATE waits for a concurrent append to commit and then returns the head it left.
+        # sha256(prev_hash || before || seq || after) is record_digest's hash (see
+        # _digest_halves), so verification, which recomputes it in Python, checks this too.
         append = f"WITH locked AS ({lock} FOR UPDATE), "
         append += "computed AS (SELECT seq + 1 AS seq, hash AS prev_hash, "
         append += "encode(sha256(convert_to(hash || %s || (seq + 1)::text || %s, 'UTF8')), 'hex')"
-        append += " AS hash FROM locked), "
-        append += f"advanced AS (UPDATE {head} SET seq = computed.seq, hash = computed.hash "  # noqa: S608
-        append += f"FROM computed WHERE {head}.id = {_HEAD_PK} RETURNING 1) "
+        append += " AS hash FROM locked) "
         append += f"INSERT INTO {records} ({columns}) "
         append += f"SELECT computed.seq, {field_params}, computed.prev_hash, computed.hash "
         append += "FROM computed RETURNING id, seq, prev_hash, hash"
@@ -207,7 +206,6 @@ def _statements(vendor: str) -> dict[str, str]:
     else:
         placeholders = ", ".join(["%s"] * len(INSERT_COLUMNS))
         statements["insert"] = f"INSERT INTO {records} ({columns}) VALUES ({placeholders})"  # noqa: S608
-        statements["advance"] = f"UPDATE {head} SET seq = %s, hash = %s WHERE id = {_HEAD_PK}"  # noqa: S608
     return statements
 
 
@@ -246,7 +244,6 @@ def _append_locked(connection, fields: dict[str, Any]) -> tuple[int, int, str, s
         params = [seq, *_params(connection, fields), prev_hash, digest]
         cursor.execute(statements["insert"], params)
         record_id = cursor.lastrowid
-        cursor.execute(statements["advance"], [seq, digest])
     return record_id, seq, prev_hash, digest
 
 
@@ -279,7 +276,8 @@ def ledger_verify(
     checkpoint of a record further back, only shows that records were deleted). Every checkpoint
     must match the record at its sequence (so a chain rewritten with every hash recomputed is
     caught), none may lie beyond the chain's end (a cut tail), and every file in the checkpoint
-    folder must be a validly signed checkpoint.
+    folder must be a validly signed checkpoint. Every row is walked, whatever the head says: the
+    chain must end exactly at its head, and a row beyond it is reported with its id.
 
     ``since_last_checkpoint``: only the records after the latest checkpoint, which must link to
     it (beat's periodic check). ``upto``: stop after that record and skip the checks of the
@@ -305,8 +303,8 @@ def ledger_verify(
 @contextmanager
 def _snapshot() -> Iterator[None]:
     """On PostgreSQL, outside any transaction, read the head and the records from one snapshot
-    (pruning or appends meanwhile do not show as breaks); elsewhere the walk stops at the head
-    it read first, which is enough for appends."""
+    (pruning or appends meanwhile do not show as breaks); elsewhere the head is read before and
+    after the walk, and appends meanwhile lie between the two (see ``_end_problem``)."""
     connection = transaction.get_connection()
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         yield
@@ -323,11 +321,10 @@ def _walk(
     upto: int | None,
     chunk_size: int,
 ) -> VerifyResult:
-    head = LedgerHead.objects.filter(pk=1).values_list("seq", "hash").first()
-    end = upto if upto is not None else (head[0] if head else None)
+    head = _head()
     records = AuditRecord.objects.order_by("seq")
-    if end is not None:
-        records = records.filter(seq__lte=end)
+    if upto is not None:
+        records = records.filter(seq__lte=upto)
     checked, matched = 0, 0
 
     if start is not None:  # the segment after the latest checkpoint
@@ -388,6 +385,8 @@ def _walk(
             prev_hash, expected_seq = anchor.hash, first[0]
             matched = 1
     first_seq = expected_seq
+    head_seq = head[0] if head else 0
+    at_head = prev_hash if head_seq == expected_seq - 1 else None  # the hash of #head_seq
 
     def broken(message: str) -> VerifyResult:
         return VerifyResult(
@@ -395,16 +394,17 @@ def _walk(
         )
 
     for record in records.iterator(chunk_size=chunk_size):
+        row = f"(row id {record.pk})"
         if record.seq != expected_seq:
-            return broken(f"sequence gap: expected #{expected_seq}, found #{record.seq}")
+            return broken(f"sequence gap: expected #{expected_seq}, found #{record.seq} {row}")
         if record.prev_hash != prev_hash:
-            return broken(f"#{record.seq} does not link to the hash of #{record.seq - 1}")
+            return broken(f"#{record.seq} does not link to the hash of #{record.seq - 1} {row}")
         try:
             canonical = canonical_json(json.loads(record.payload), path="payload")
         except (ValueError, CanonicalError) as exc:
-            return broken(f"#{record.seq} payload is not canonical JSON: {exc}")
+            return broken(f"#{record.seq} payload is not canonical JSON: {exc} {row}")
         if canonical != record.payload:
-            return broken(f"#{record.seq} payload is not in canonical form")
+            return broken(f"#{record.seq} payload is not in canonical form {row}")
         digest = record_digest(
             prev_hash=record.prev_hash,
             seq=record.seq,
@@ -416,13 +416,16 @@ def _walk(
             **{field: getattr(record, field) for field in REFERENCE_FIELDS + SEARCH_FIELDS},
         )
         if digest != record.hash:
-            return broken(f"#{record.seq} was altered: its hash does not match its content")
+            return broken(f"#{record.seq} was altered: its hash does not match its content {row}")
         if record.seq in anchors:
             if anchors[record.seq].hash != record.hash:
                 return broken(
-                    f"#{record.seq} differs from its signed checkpoint: the chain was rewritten"
+                    f"#{record.seq} differs from its signed checkpoint: the chain was rewritten "
+                    f"{row}"
                 )
             matched += 1
+        if record.seq == head_seq:
+            at_head = record.hash
         prev_hash, expected_seq, checked = record.hash, expected_seq + 1, checked + 1
 
     last_seq = expected_seq - 1
@@ -430,8 +433,8 @@ def _walk(
         if last_seq != upto:
             return broken(f"the chain ends at #{last_seq}, before #{upto}")
     else:
-        if head is not None and (head[0], head[1]) != (last_seq, prev_hash):
-            return broken(f"the chain ends at #{last_seq} but its head says #{head[0]}")
+        if problem := _end_problem(head, at_head, last_seq, prev_hash):
+            return broken(problem)
         beyond = [seq for seq in anchors if seq > last_seq]
         if beyond:
             return broken(
@@ -441,3 +444,31 @@ def _walk(
     if problems:
         return broken("; ".join(problems))
     return VerifyResult(True, checked, last_seq, prev_hash, "", first_seq, matched)
+
+
+def _head() -> tuple[int, str] | None:
+    return LedgerHead.objects.filter(pk=1).values_list("seq", "hash").first()
+
+
+def _end_problem(
+    before: tuple[int, str] | None, at_before: str | None, last_seq: int, last_hash: str
+) -> str:
+    """What is wrong with where the walk ended (at ``last_seq``, ``last_hash``), given the head
+    read before the walk (whose record's hash the walk found to be ``at_before``) and the head
+    read after it: records appended meanwhile lie between the two; a row beyond the second was
+    written outside ``ledger_append`` (the database refuses that; forcing it takes a superuser),
+    and a head past the chain's end means records were cut."""
+    after = _head()
+    if after is None:
+        return f"the chain ends at #{last_seq} but it has no head" if last_seq else ""
+    if before is not None and (last_seq < before[0] or at_before != before[1]):
+        return f"the chain ends at #{last_seq} but its head says #{before[0]}"
+    if last_seq > after[0]:
+        row = AuditRecord.objects.filter(seq__gt=after[0]).order_by("seq").first()
+        return (
+            f"#{row.seq} (row id {row.pk}) lies beyond the chain's head #{after[0]}: it was "
+            "written outside ledger_append"
+        )
+    if last_seq == after[0] and last_hash != after[1]:
+        return f"the chain ends at #{last_seq} but its head says #{after[0]} with another hash"
+    return ""

@@ -2,11 +2,12 @@
 prune checkpoint of the last deleted record vouches for the first one kept (only a prune
 checkpoint anchors a pruned chain; the checkpoints below it are removed).
 
-Deleting goes through the database's one exit for it: on PostgreSQL the append-only trigger
-allows DELETE only of rows below ``baton.ledger_prune_below``, set for this transaction alone.
-The ORM's guard stays: nothing else deletes records. Any session can set that exit, so it stops
-mistakes, not someone with database access: records deleted without a prune checkpoint at the
-boundary fail verification.
+Deleting is the database's one exit from append-only (migration 0011): on PostgreSQL a DELETE
+must stay below the boundary named by the latest ``ledger.pruned`` record, itself a link of the
+chain. Pruning appends that record and deletes in one transaction, so what was deleted, up to
+where, when and under which retention stays in the chain. Anyone who can append can append such
+a record and delete up to it, but not without leaving it behind, and not without a prune
+checkpoint, which takes the signing key: verification then reports the records as gone.
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from orchestration.ledger.chain import ledger_verify
+from orchestration.ledger.chain import ledger_append, ledger_verify
 from orchestration.ledger.checkpoints import (
     PRUNE,
     Checkpoint,
@@ -25,6 +26,8 @@ from orchestration.ledger.checkpoints import (
     write_checkpoint,
 )
 from orchestration.ledger.models import AuditRecord, LedgerError, LedgerVerification
+
+PRUNED = "ledger.pruned"  # the verb migration 0011's trigger reads the boundary from
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ def ledger_prune(*, retention_days: int | None = None, now: datetime | None = No
 
     First verifies what is about to go (intact, anchored, linked to the first record kept), then
     writes and reads back the signed prune checkpoint of the last record to go (replacing a
-    periodic one of it), then deletes, then removes the checkpoints below it. Raises
+    periodic one of it), then appends the ``ledger.pruned`` record naming the boundary and
+    deletes below it in one transaction, then removes the checkpoints below it. Raises
     ``LedgerError`` (or ``CheckpointError``) and deletes nothing if any step fails.
     """
     days = settings.BATON_AUDIT_RETENTION_DAYS if retention_days is None else retention_days
@@ -68,20 +72,22 @@ def ledger_prune(*, retention_days: int | None = None, now: datetime | None = No
     if written is None or (written.hash, written.kind) != (verified.last_hash, PRUNE):
         raise LedgerError(f"Refused to prune: the checkpoint of #{keep_from - 1} did not stick")
 
-    deleted = _delete_below(keep_from)
-    remove_checkpoints_below(keep_from - 1)
-    return PruneResult(deleted, keep_from, checkpoint)
-
-
-def _delete_below(boundary: int) -> int:
     table = connection.ops.quote_name(AuditRecord._meta.db_table)
     with transaction.atomic(), connection.cursor() as cursor:
-        postgres = connection.vendor == "postgresql"
-        if postgres:
-            exit_ = "SELECT set_config('baton.ledger_prune_below', %s, true)"
-            cursor.execute(exit_, [str(boundary)])
-        cursor.execute(f"DELETE FROM {table} WHERE seq < %s", [boundary])  # noqa: S608
+        ledger_append(
+            PRUNED,
+            actor="system",
+            payload={
+                "below": keep_from,
+                "from": first,
+                "anchor_hash": verified.last_hash,
+                "cutoff": cutoff.isoformat(),
+                "retention_days": days,
+            },
+            object_type="ledger",
+            object_id=keep_from,
+        )
+        cursor.execute(f"DELETE FROM {table} WHERE seq < %s", [keep_from])  # noqa: S608
         deleted = cursor.rowcount
-        if postgres:  # the exit closes at once, not only when the transaction ends
-            cursor.execute("SELECT set_config('baton.ledger_prune_below', '', true)")
-    return deleted
+    remove_checkpoints_below(keep_from - 1)
+    return PruneResult(deleted, keep_from, checkpoint)

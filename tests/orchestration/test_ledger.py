@@ -1,11 +1,12 @@
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import transaction
 
 from orchestration.ledger.actor import acting_as
 from orchestration.ledger.chain import ledger_append, ledger_verify
 from orchestration.ledger.models import GENESIS_HASH, AuditRecord, LedgerError, LedgerHead
+from tests.orchestration.ledger.conftest import tamper
 
 pytestmark = pytest.mark.django_db
 
@@ -72,15 +73,6 @@ def test_the_orm_refuses_updates_and_deletes():
         AuditRecord.objects.filter(pk=record.pk).update(verb="test.rewritten")
     with pytest.raises(LedgerError, match="append-only"):
         AuditRecord.objects.all().delete()
-
-
-def tamper(sql: str, params: list) -> None:
-    """Changes rows behind the ORM's back, as an attacker with database access would (on
-    PostgreSQL also past the append-only trigger, as a superuser can)."""
-    with transaction.atomic(), connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SET LOCAL session_replication_role = replica")
-        cursor.execute(sql, params)
 
 
 @pytest.mark.parametrize(

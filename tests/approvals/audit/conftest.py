@@ -38,8 +38,8 @@ def append(verb: str = "test.event", **fields) -> AuditRecord:
 
 
 def bulk_records(n: int, *, at_step: timedelta = timedelta(0), **fields) -> tuple[int, int]:
-    """``n`` records appended fast: a valid chain computed here and inserted in batches, the head
-    moved to its end (what ``ledger_append`` does one record at a time). All at one instant, or
+    """``n`` records appended fast: a valid chain computed here and inserted in batches (each
+    insert moves the head, as for ``ledger_append``). All at one instant, or
     ``at_step`` apart (negative: time running backwards, as concurrent writers can make it for
     a few milliseconds). Returns the first and last ``seq``."""
     head, _ = LedgerHead.objects.get_or_create(pk=1)  # a flushed database has none yet
@@ -91,8 +91,7 @@ def bulk_records(n: int, *, at_step: timedelta = timedelta(0), **fields) -> tupl
             if len(batch) == 2000:
                 AuditRecord.objects.bulk_create(batch)
                 batch = []
-        AuditRecord.objects.bulk_create(batch)
-        LedgerHead.objects.filter(pk=1).update(seq=seq, hash=prev_hash)
+        AuditRecord.objects.bulk_create(batch)  # each insert advances the head (migration 0011)
     return first, seq
 
 

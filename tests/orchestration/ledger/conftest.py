@@ -18,16 +18,29 @@ def append_many(count: int, **kwargs) -> list[AuditRecord]:
     return [append(payload={"n": n}, **kwargs) for n in range(count)]
 
 
+LEDGER_TABLES = ("orchestration_auditrecord", "orchestration_ledgerhead")
+
+
 def tamper(sql: str, params: list | tuple = ()) -> None:
-    """Run ``sql`` with the append-only trigger bypassed (PostgreSQL: replication role, which a
-    superuser may set; SQLite has no trigger)."""
+    """Run ``sql`` with the ledger's triggers bypassed, as a superuser can: on PostgreSQL with
+    the replication role; on SQLite, where whoever writes the file can, by dropping them for
+    the statement."""
     with transaction.atomic(), connection.cursor() as cursor:
-        postgres = connection.vendor == "postgresql"
-        if postgres:
+        if connection.vendor == "postgresql":
             cursor.execute("SET LOCAL session_replication_role = replica")
-        cursor.execute(sql, params)
-        if postgres:
+            cursor.execute(sql, params)
             cursor.execute("SET LOCAL session_replication_role = origin")
+            return
+        cursor.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name IN (%s, %s)",
+            LEDGER_TABLES,
+        )
+        triggers = cursor.fetchall()
+        for name, _ in triggers:
+            cursor.execute(f"DROP TRIGGER {name}")
+        cursor.execute(sql, params)
+        for _, create in triggers:
+            cursor.execute(create)
 
 
 def rewrite_chain(from_seq: int, payload: str) -> None:

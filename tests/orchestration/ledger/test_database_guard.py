@@ -1,5 +1,6 @@
-"""PostgreSQL refuses UPDATE, DELETE and TRUNCATE of audit records (migration 0008), except
-through its two narrow exits, and keeps one chain under concurrent writers."""
+"""PostgreSQL refuses UPDATE, DELETE and TRUNCATE of audit records and of the chain's head
+(migration 0011), except the deletion below the boundary of the latest ``ledger.pruned`` record,
+with no exit any session setting opens; and keeps one chain under concurrent writers."""
 
 import threading
 
@@ -8,13 +9,15 @@ from django.core.management import call_command
 from django.db import DatabaseError, connection, connections, transaction
 
 from orchestration.ledger.chain import ledger_append, ledger_verify
-from orchestration.ledger.models import AuditRecord
+from orchestration.ledger.models import AuditRecord, LedgerHead
 from orchestration.ledger.verification import verify_and_checkpoint
-from tests.orchestration.ledger.conftest import append_many
+from tests.orchestration.ledger.conftest import append, append_many
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db]
 
 REFUSED = "The audit ledger is append-only"
+# The settings 0008's trigger read: the test flush's exit and the pruning boundary.
+OLD_EXITS = (("baton.ledger_exit", "test-teardown"), ("baton.ledger_prune_below", "99"))
 
 
 def run(sql: str, *settings_: tuple[str, str]) -> int:
@@ -24,83 +27,79 @@ def run(sql: str, *settings_: tuple[str, str]) -> int:
         for name, value in settings_:
             cursor.execute("SELECT set_config(%s, %s, true)", [name, value])
         cursor.execute(sql)
-        count = cursor.rowcount
-        for name, _ in settings_:
-            cursor.execute("SELECT set_config(%s, '', true)", [name])
-        return count
+        return cursor.rowcount
 
 
-def payloads() -> list[tuple[int, str]]:
-    return list(AuditRecord.objects.values_list("seq", "payload"))
+def seqs() -> list[int]:
+    return list(AuditRecord.objects.values_list("seq", flat=True))
 
 
 @pytest.mark.parametrize(
     ("sql", "error"),
     [
         ("UPDATE orchestration_auditrecord SET payload = '{}' WHERE seq = 2", "UPDATE on"),
-        ("DELETE FROM orchestration_auditrecord WHERE seq = 2", "DELETE on"),
-        ("DELETE FROM orchestration_auditrecord", "DELETE on"),
+        ("DELETE FROM orchestration_auditrecord WHERE seq = 2", "record #2 is not below"),
+        ("DELETE FROM orchestration_auditrecord", "record #1 is not below the boundary \\(none\\)"),
         ("TRUNCATE orchestration_auditrecord", "TRUNCATE on"),
         ("TRUNCATE orchestration_auditrecord, orchestration_ledgerhead CASCADE", "TRUNCATE on"),
+        ("UPDATE orchestration_ledgerhead SET seq = 0", "UPDATE on orchestration_ledgerhead"),
+        ("DELETE FROM orchestration_ledgerhead", "DELETE on orchestration_ledgerhead"),
+        ("TRUNCATE orchestration_ledgerhead", "TRUNCATE on orchestration_ledgerhead"),
     ],
 )
-def test_raw_sql_cannot_change_or_remove_records(sql, error):
+@pytest.mark.parametrize("exits", [(), OLD_EXITS], ids=["plain", "with-0008s-exits-set"])
+def test_raw_sql_cannot_change_or_remove_records_or_the_head(sql, error, exits):
     append_many(3)
-    before = payloads()
-    with pytest.raises(DatabaseError, match=f"{REFUSED}: {error}"):
-        run(sql)
-    assert payloads() == before
+    before = list(AuditRecord.objects.values_list("seq", "payload"))
+    head = LedgerHead.objects.values_list("seq", "hash").get()
+    with pytest.raises(DatabaseError, match=f"The audit ledger.*{error}"):
+        run(sql, *exits)
+    assert list(AuditRecord.objects.values_list("seq", "payload")) == before
+    assert LedgerHead.objects.values_list("seq", "hash").get() == head
 
 
-def test_the_pruning_exit_allows_exactly_the_records_below_its_boundary():
+def test_only_the_latest_pruned_record_opens_deletion_below_its_boundary():
     append_many(5)
-    prune = ("baton.ledger_prune_below", "3")
-
-    with pytest.raises(DatabaseError, match=r"record #3 is not below the pruning boundary 3"):
-        run("DELETE FROM orchestration_auditrecord WHERE seq <= 3", prune)
+    append("ledger.pruned", payload={"below": 3})  # #6
+    with pytest.raises(DatabaseError, match=r"record #3 is not below the boundary \(3\)"):
+        run("DELETE FROM orchestration_auditrecord WHERE seq <= 3")
     with pytest.raises(DatabaseError, match=f"{REFUSED}: UPDATE on"):
-        run("UPDATE orchestration_auditrecord SET actor = 'x' WHERE seq = 1", prune)
-    with pytest.raises(DatabaseError, match=f"{REFUSED}: TRUNCATE on"):
-        run("TRUNCATE orchestration_auditrecord", prune)
-    with pytest.raises(DatabaseError, match=REFUSED):
-        run("DELETE FROM orchestration_auditrecord WHERE seq < 2", (prune[0], "2; DROP"))
-    assert [seq for seq, _ in payloads()] == [1, 2, 3, 4, 5]
+        run("UPDATE orchestration_auditrecord SET actor = 'x' WHERE seq = 1")
+    assert run("DELETE FROM orchestration_auditrecord WHERE seq < 3") == 2
+    assert seqs() == [3, 4, 5, 6]
 
-    assert run("DELETE FROM orchestration_auditrecord WHERE seq < 3", prune) == 2
-    assert [seq for seq, _ in payloads()] == [3, 4, 5]
-    # The exit was closed again: the same transaction can delete nothing more.
-    with pytest.raises(DatabaseError, match=REFUSED):
-        run("DELETE FROM orchestration_auditrecord WHERE seq = 3")
+    # A boundary never reaches the record naming it: the latest one always stays.
+    append("ledger.pruned", payload={"below": 100})  # #7
+    with pytest.raises(DatabaseError, match=r"record #7 is not below the boundary \(7\)"):
+        run("DELETE FROM orchestration_auditrecord")
+    assert run("DELETE FROM orchestration_auditrecord WHERE seq < 7") == 4
+    assert seqs() == [7]
 
-
-def test_the_test_teardown_exit_allows_removal_but_never_updates():
-    append_many(3)
-    teardown = ("baton.ledger_exit", "test-teardown")
-    with pytest.raises(DatabaseError, match=f"{REFUSED}: UPDATE on"):
-        run("UPDATE orchestration_auditrecord SET actor = 'x'", teardown)
-    with pytest.raises(DatabaseError, match=f"{REFUSED}: DELETE on"):
-        run("DELETE FROM orchestration_auditrecord", ("baton.ledger_exit", "something-else"))
-    assert run("DELETE FROM orchestration_auditrecord WHERE seq = 3", teardown) == 1
-    run("TRUNCATE orchestration_auditrecord", teardown)
-    assert payloads() == []
+    # A malformed boundary opens nothing.
+    append("ledger.pruned", payload={"below": "8; DROP"})  # #8
+    with pytest.raises(DatabaseError, match=r"record #7 is not below the boundary \(none\)"):
+        run("DELETE FROM orchestration_auditrecord WHERE seq = 7")
+    assert seqs() == [7, 8]
 
 
 @pytest.mark.django_db(transaction=True)
-def test_exits_end_with_their_transaction_and_the_test_flush_uses_its_own():
+def test_the_test_flush_passes_the_guard_as_a_superuser_only():
     append_many(3)
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("SET LOCAL baton.ledger_prune_below = '3'")
-        cursor.execute("SET LOCAL baton.ledger_exit = 'test-teardown'")
+        for name, value in OLD_EXITS:
+            cursor.execute("SELECT set_config(%s, %s, false)", [name, value])  # the session's
     with (
-        pytest.raises(DatabaseError, match=f"{REFUSED}: DELETE on"),
+        pytest.raises(DatabaseError, match=f"{REFUSED}: TRUNCATE on"),
         connection.cursor() as cursor,
     ):
-        cursor.execute("DELETE FROM orchestration_auditrecord WHERE seq = 1")
+        cursor.execute("TRUNCATE orchestration_auditrecord, orchestration_ledgerhead")
     assert AuditRecord.objects.count() == 3
 
-    # The database flush between transactional tests (tests/conftest.py) opens the exit.
+    # The database flush between transactional tests (tests/conftest.py) turns triggers off,
+    # which takes a superuser: the tests connect as one, the application must not.
     call_command("flush", interactive=False, verbosity=0)
     assert AuditRecord.objects.count() == 0
+    assert append().seq == 1
 
 
 @pytest.mark.django_db(transaction=True)

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from orchestration.canonical import canonical_json
 from orchestration.ledger import last_verification
-from orchestration.ledger.chain import ledger_verify
+from orchestration.ledger.chain import ledger_append, ledger_verify
 from orchestration.ledger.checkpoints import (
     KEY_LABEL,
     CheckpointError,
@@ -54,29 +54,40 @@ def test_pruning_deletes_old_records_and_verification_stays_green(checkpoint_dir
         ok=True, source="beat", at=now - timedelta(days=DAYS + 1)
     )
 
+    anchor = AuditRecord.objects.get(seq=5).hash
     result = ledger_prune(retention_days=DAYS, now=now)
     assert not LedgerVerification.objects.filter(pk=old_run.pk).exists()
     assert LedgerVerification.objects.count() == 1  # beat's run above
 
     assert (result.deleted, result.keep_from, result.checkpoint.seq) == (5, 6, 5)
-    assert seqs() == [6, 7, 8]
+    assert seqs() == [6, 7, 8, 9]
     assert checkpoint_path(5).exists()
+    # The pruning's own record, in the chain: what went, up to where, under which retention.
+    pruned = AuditRecord.objects.get(seq=9)
+    assert (pruned.verb, pruned.actor, pruned.object_id) == ("ledger.pruned", "system", "6")
+    assert json.loads(pruned.payload) == {
+        "below": 6,
+        "from": 1,
+        "anchor_hash": anchor,
+        "cutoff": (now - timedelta(days=DAYS)).isoformat(),
+        "retention_days": DAYS,
+    }
     verified = ledger_verify()
     assert verified.ok, verified.error
-    assert (verified.first_seq, verified.checked, verified.checkpoints) == (6, 3, 2)
+    assert (verified.first_seq, verified.checked, verified.checkpoints) == (6, 4, 2)
     call_command("audit_verify")
 
     # The chain goes on from where it was, and beat keeps checkpointing it.
     append_many(2)
     assert ledger_checkpoint() is True
     assert ledger_verify().ok
-    assert ledger_verify().last_seq == 10
+    assert ledger_verify().last_seq == 11
 
 
 def test_pruning_again_moves_the_anchor_and_drops_older_checkpoints(checkpoint_dir):
     now = old_and_new(3, 3)
-    ledger_prune(retention_days=DAYS, now=now)
-    ledger_checkpoint()  # #6
+    ledger_prune(retention_days=DAYS, now=now)  # #1-#3 go, its record is #7
+    ledger_checkpoint()  # #7
     time.sleep(0.002)
     later = timezone.now()
     time.sleep(0.002)
@@ -84,10 +95,10 @@ def test_pruning_again_moves_the_anchor_and_drops_older_checkpoints(checkpoint_d
 
     result = ledger_prune(retention_days=DAYS, now=later + timedelta(days=DAYS))
 
-    assert (result.deleted, result.keep_from) == (3, 7)
-    assert seqs() == [7, 8]
+    assert (result.deleted, result.keep_from) == (4, 8)  # the first pruning's record goes too
+    assert seqs() == [8, 9, 10]
     assert [path.name for path in sorted(checkpoint_dir.glob("*.json"))] == [
-        "checkpoint-00000000000000000006.json"
+        "checkpoint-00000000000000000007.json"
     ]
     assert ledger_verify().ok
 
@@ -96,7 +107,7 @@ def test_the_last_record_always_stays(checkpoint_dir):
     append_many(4)
     result = ledger_prune(retention_days=DAYS, now=timezone.now() + timedelta(days=DAYS + 1))
     assert (result.deleted, result.keep_from) == (3, 4)
-    assert seqs() == [4]
+    assert seqs() == [4, 5]  # and the pruning's record after it
     assert ledger_verify().ok
 
 
@@ -157,23 +168,24 @@ def test_audit_prune_command_and_beat_task(checkpoint_dir, settings, capsys):
     call_command("audit_prune")
     out = capsys.readouterr().out
     assert "Pruned 2 records below #3; signed checkpoint of #2" in out
-    assert seqs() == [3, 4, 5, 6]
+    assert seqs() == [3, 4, 5, 6, 7]
 
     backdate(5, timezone.now() - timedelta(days=31))
     settings.BATON_AUDIT_RETENTION_DAYS = 0
     assert ledger_prune_task() == 0
     settings.BATON_AUDIT_RETENTION_DAYS = 30
     assert ledger_prune_task() == 2
-    assert seqs() == [5, 6]
+    assert seqs() == [5, 6, 7, 8]
     call_command("audit_verify")
 
 
 def delete_through_the_prune_exit(below: int) -> None:
-    """``DELETE ... WHERE seq < below`` as any database session could: on PostgreSQL through
-    the trigger's pruning exit, a setting anyone may SET (SQLite has no trigger)."""
+    """``DELETE ... WHERE seq < below`` as the application's database role could: through the
+    database's one exit, a ``ledger.pruned`` record naming the boundary, appended first (on
+    PostgreSQL; SQLite has no such guard). The record stays; the prune checkpoint, which takes
+    the signing key, is missing."""
     with transaction.atomic(), connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SELECT set_config('baton.ledger_prune_below', %s, true)", [str(below)])
+        ledger_append("ledger.pruned", payload={"below": below})
         cursor.execute("DELETE FROM orchestration_auditrecord WHERE seq < %s", [below])
 
 
@@ -183,7 +195,7 @@ def test_deleting_the_oldest_records_up_to_a_periodic_checkpoint_is_caught(check
     append_many(3)
     assert ledger_checkpoint() is True  # and of #8
     delete_through_the_prune_exit(6)
-    assert seqs() == [6, 7, 8]
+    assert seqs() == [6, 7, 8, 9]
 
     result = ledger_verify()
     assert not result.ok
