@@ -11,9 +11,9 @@ from django.utils import timezone
 
 from approvals.policy.cel import compile_condition
 from approvals.policy.gate import PolicyGate
-from approvals.policy.models import Grant
+from approvals.policy.models import AutonomyThreshold, Grant
 from approvals.policy.seed import policy_seed
-from approvals.policy.services import grant_revoke
+from approvals.policy.services import grant_revoke, policy_publish
 from approvals.policy.similar import similar_condition
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
 from approvals.queue.services import approval_decide
@@ -22,6 +22,7 @@ from orchestration.gate import Action
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Tool
+from orchestration.runs.models import Step
 from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
 
@@ -65,7 +66,7 @@ def review(run_id: int, seq: int, amount: float, order_id: str = "A-1004"):
     return PolicyGate().review(action, run_id=run_id, step_seq=seq)
 
 
-def test_the_constraint_is_built_from_scalar_arguments_with_cel_quoting():
+def test_the_constraint_is_built_from_scalar_arguments_labels_and_risk_with_cel_quoting():
     condition = similar_condition(
         {
             "order_id": 'A-"1"\\x',
@@ -75,11 +76,16 @@ def test_the_constraint_is_built_from_scalar_arguments_with_cel_quoting():
             "body": "free text",
             "items": ["a"],
             "in": "reserved",
-        }
+        },
+        labels=["pii", 'x"y'],
+        score=61,
     )
     assert condition == (
         'args.amount <= 1899.0 && args.express == true && args["in"] == "reserved"'
         ' && args.order_id == "A-\\"1\\"\\\\x"'
+        ' && action.labels.all(label, label in ["pii", "x\\"y"])'
+        ' && run.labels.all(label, label in ["pii", "x\\"y"])'
+        " && risk.score <= 61"
     )
     compile_condition(condition)
 
@@ -95,7 +101,12 @@ def test_allow_similar_for_the_run_approves_similar_actions_of_that_run(policy_g
         0,
     )
     assert grant.agent.name == "refund-bot" and grant.tool_pattern == "payments.refund"
-    assert grant.condition == 'args.amount <= 1899.0 && args.order_id == "A-1004"'
+    assert grant.condition == (
+        'args.amount <= 1899.0 && args.order_id == "A-1004"'
+        ' && action.labels.all(label, label in ["pii", "untrusted_input"])'
+        ' && run.labels.all(label, label in ["pii", "untrusted_input"])'
+        f" && risk.score <= {request.risk_score}"
+    )
     decided = AuditRecord.objects.get(approval_id=request.pk, verb="approval.decided")
     assert json.loads(decided.payload)["allow_similar"] == {"scope": "run", "grant": grant.pk}
 
@@ -162,7 +173,7 @@ def test_a_revoked_grant_allows_nothing(policy_gate, reviewer):
     request = waiting_request()
     approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
     grant = Grant.objects.get(source="reviewer")
-    grant_revoke(grant=grant, by=reviewer)
+    grant_revoke(grant=grant, by="policy")
     assert review(request.run_id, 100, 1000).outcome == "pending"
 
 
@@ -202,3 +213,56 @@ def test_allow_similar_needs_the_deciding_approval(policy_gate, reviewer):
     ApprovalRequest.objects.filter(pk=request.pk).update(quorum=2)
     with pytest.raises(ValidationError, match="quorum 2"):
         approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+
+
+def secret_read(run_id: int, seq: int = 90) -> None:
+    Step.objects.create(
+        run_id=run_id,
+        seq=seq,
+        kind="tool",
+        name="infra.describe_volume",
+        status="completed",
+        output={"contains": "postgres://billing:hunter22@db/billing"},
+        labels=["secret"],
+        idempotency_key=f"{run_id}-{seq}",
+    )
+
+
+def test_a_grant_covers_only_data_the_approved_action_touched(policy_gate, reviewer):
+    """Hole 6: a grant made for an action on customer data does not approve a later one in a
+    run that has read a secret (the labels are not within the approved ones)."""
+    request = waiting_request()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    assert review(request.run_id, 100, 1000).outcome == "approved"
+    secret_read(request.run_id)
+    verdict = review(request.run_id, 101, 1000)
+    assert verdict.outcome == "pending"  # the same arguments, but the run now holds a secret
+    assert Grant.objects.get(source="reviewer").uses == 1
+
+
+def test_a_grant_covers_no_riskier_action_and_nothing_above_the_deny_threshold(
+    policy_gate, reviewer
+):
+    request = waiting_request()
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    run_id = request.run_id
+    args = {"order_id": "A-1004", "amount": 1000, "reason": "r"}
+
+    def decided(seq, confidence):
+        action = Action(
+            tool="payments.refund", args=args, run_id=run_id, step_seq=seq, confidence=confidence
+        )
+        return PolicyGate().review(action, run_id=run_id, step_seq=seq)
+
+    riskier = decided(100, 0.1)  # a low stated confidence adds risk
+    assert riskier.score > request.risk_score and riskier.outcome == "pending"
+
+    # a grant whose condition holds still never approves above the deny threshold
+    Grant.objects.filter(source="reviewer").update(condition="true")
+    AutonomyThreshold.objects.filter(autonomy="supervised").update(deny_above=60)
+    policy_publish(by="policy")
+    above = decided(101, 0.8)
+    assert above.score > 60 and above.outcome == "pending"
+    AutonomyThreshold.objects.filter(autonomy="supervised").update(deny_above=99)
+    policy_publish(by="policy")
+    assert decided(102, 0.8).outcome == "approved"
