@@ -1,0 +1,28 @@
+"""The red-team suite inside ``make test``: a representative subset of the scenarios (a few of
+each class); ``REDTEAM_FULL=1`` (what ``python -m tests.redteam`` sets) runs all of them.
+
+Target: no attack gets through, and under 5% of benign tasks are needlessly asked or denied."""
+
+import os
+
+import pytest
+
+from tests.redteam.harness import ci_subset, figures, report, scenarios_load, suite_run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def policy_gate(settings):
+    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
+
+
+def test_the_gate_holds_under_attack_and_lets_ordinary_work_through(policy_gate):
+    scenarios = scenarios_load()
+    if not os.environ.get("REDTEAM_FULL"):
+        scenarios = ci_subset(scenarios)
+    results = suite_run(scenarios)
+    text = report(results)
+    print("\n" + text)
+    through, false_blocks = figures(results)
+    assert through == 0 and false_blocks < 0.05, text
