@@ -504,6 +504,8 @@ class Context:
             InvalidArguments(f"{name}: {malformed}") if malformed else None
         )
         problem = problem or _schema_problem(definition, args)
+        # Validate and review before the step is marked started, so that the start, the
+        # reasoning and the verdict are written together.
         verdict = None
         if problem is None:
             action = Action(
@@ -521,8 +523,6 @@ class Context:
             if self.outbox.finishes:
                 self.outbox.flush()
             verdict = self._gate.review(action, run_id=self.run.pk, step_seq=seq)
-        # Validate and review before the step is marked started, so that the start, the
-        # reasoning and the verdict are written together.
         record = verdict.to_record() if verdict else None
         events = []
         if verdict is not None:
@@ -712,7 +712,8 @@ class Context:
         ceiling and within what may be used here, which is all that may be used meanwhile."""
         ceiling = set(agent.tools.values_list("name", flat=True))
         usable = self.usable_tools()
-        offered = [t for t in (tools or sorted(ceiling)) if t in ceiling and t in usable]
+        wanted = sorted(ceiling) if tools is None else tools
+        offered = [t for t in wanted if t in ceiling and t in usable]
         previous = self._acting
         self._acting = Acting(agent, frozenset(offered))
         try:
