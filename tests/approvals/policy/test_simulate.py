@@ -20,8 +20,8 @@ from tests.orchestration.engine.conftest import drive
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-# amounts 89, 649, 219, 1899, 45: two small refunds (allowed, then the pii email asks), two
-# large ones (the finance rule asks) and one in between (the risk threshold asks)
+# amounts 89, 649, 219, 1899, 45: three within the refund policy (allowed, and so is the
+# confirmation to the customer) and two above 500 (the finance rule asks)
 ORDERS = ["A-1001", "A-1002", "A-1003", "A-1004", "A-1005"]
 
 
@@ -72,14 +72,13 @@ def test_simulation_predicts_exactly_the_counts_that_publishing_then_produces(po
     assert report.evaluated == len(before) == PolicyEvaluation.objects.count()
     assert report.errors == []
     assert pairs(report.moves) == {
-        ("allow", "allow"): 7,  # five lookups, the refunds of 89 and 45
-        ("ask", "allow"): 1,  # the refund of 219
-        ("ask", "ask"): 2,  # the two pii emails
-        ("ask", "deny"): 2,  # 1899 by the rule; 649, no longer the rule's, scores above the
-        # supervised deny threshold (90) with the pii the run touched
+        ("allow", "allow"): 11,  # five lookups, the refunds of 89, 219 and 45, their emails
+        ("ask", "ask"): 1,  # 649, no longer the rule's, scores between the supervised
+        # thresholds (35 and 90) with the data the run touched
+        ("ask", "deny"): 1,  # 1899 by the rule
     }
-    assert report.changed == 3
-    assert (report.asks_per_day_before, report.asks_per_day_after) == (5 / 7, 2 / 7)
+    assert report.changed == 1
+    assert (report.asks_per_day_before, report.asks_per_day_after) == (2 / 7, 1 / 7)
 
     # publish, then the same actions again, for real: the same workflows on the same orders
     assert policy_publish(by="policy").number == 2
@@ -112,7 +111,7 @@ def test_an_unchanged_draft_moves_nothing_and_examples_are_real(policy_gate):
     assert report.evaluated == PolicyEvaluation.objects.count() > 0
     assert report.changed == 0
     assert all(move.before == move.after for move in report.moves)
-    assert report.asks_per_day_before == report.asks_per_day_after == 5 / 7
+    assert report.asks_per_day_before == report.asks_per_day_after == 2 / 7
 
     for move in report.moves:
         assert 1 <= len(move.examples) <= min(3, move.count)
@@ -191,15 +190,18 @@ def test_the_window_the_tool_metadata_and_a_draft_publishing_would_refuse(policy
 
 
 def test_reviewer_load_counts_an_action_asked_again_on_resume_once(policy_gate):
-    run_id = refund_runs()["A-1001"]  # the refund ran; the confirmation email waits
+    run_id = refund_runs()["A-1002"]  # the refund of 649 waits for finance
     request = ApprovalRequest.objects.get(run_id=run_id)
     reviewer = get_user_model().objects.create_user("rae")
-    ReviewerTeam.objects.create(name="operations").members.add(reviewer)
+    ReviewerTeam.objects.create(name="finance").members.add(reviewer)
     approval_decide(request=request, reviewer=reviewer, verdict="approve")
     assert drive(run_id).status == "completed"
-    email = PolicyEvaluation.objects.filter(run_id=run_id, tool="email.send")
-    assert list(email.values_list("outcome", flat=True)) == ["ask", "ask"]  # decided again
+    refund = PolicyEvaluation.objects.filter(run_id=run_id, tool="payments.refund")
+    assert list(refund.values_list("outcome", flat=True)) == ["ask", "ask"]  # decided again
 
     report = simulate()
-    assert pairs(report.by_tool["email.send"]) == {("ask", "ask"): 3}  # every evaluation
-    assert report.asks_per_day_before == report.asks_per_day_after == 5 / 7  # every request
+    assert pairs(report.by_tool["payments.refund"]) == {  # every evaluation
+        ("allow", "allow"): 3,
+        ("ask", "ask"): 3,
+    }
+    assert report.asks_per_day_before == report.asks_per_day_after == 2 / 7  # every request
