@@ -22,6 +22,7 @@ from django.utils import timezone
 from approvals.access import check_team
 from approvals.queue import transitions
 from approvals.queue.models import GRANTED, ApprovalRequest, RequestStatus
+from orchestration.canonical import canonical_args
 from orchestration.registry.declare import get_tool
 from orchestration.runs.models import Run
 from orchestration.runs.services import RunError, run_halt, run_resume
@@ -117,7 +118,7 @@ def approval_decide(
         if verdict == "approve":
             transitions.approve(locked, comment=comment, also=also, **decided)
         elif verdict == "edit":
-            edited = _validated(locked.tool, args or {})
+            edited = canonical_args(_validated(locked.tool, args or {}))
             transitions.edit(locked, args=edited, comment=comment, also=also, **decided)
         elif verdict == "reject":
             transitions.reject(locked, reason=comment, **decided)

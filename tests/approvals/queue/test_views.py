@@ -14,6 +14,7 @@ from approvals.queue.models import ApprovalRequest, Decision, RequestKind, Revie
 from approvals.queue.selectors import request_snapshot, summary
 from approvals.roles import AUDITOR, REVIEWER
 from orchestration.canonical import action_hash
+from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Run
 
@@ -460,3 +461,68 @@ def test_run_grants_permissions(fin):
     assert policy.post(revoke_url, {"run_id": run.pk}, **HX).status_code == 200
     grant.refresh_from_db()
     assert grant.revoked_by == "pol"
+
+
+# --- several reviewers: what each was shown, and the count --------------------------------
+
+
+def test_a_decision_on_arguments_edited_since_the_page_was_shown_is_a_409_that_writes_nothing(fin):
+    request = make_request(quorum=2)
+    dana = member("dana", "finance")
+    page = client_for(fin).get(reverse("approvals:request", args=[request.pk])).content.decode()
+    assert f'name="action_hash" value="{request.action_hash}"' in page  # in every decision form
+    url = reverse("approvals:decide", args=[request.pk])
+    edit = {"verdict": "edit", "confirm": "1", "arg-order_id": "A-1004", "arg-amount": "80"}
+    assert client_for(dana).post(url, shown(request, **edit), **HX).status_code == 200
+    records = AuditRecord.objects.filter(verb__startswith="approval.").count()
+
+    for verdict in ("approve", "reject"):  # fin decides on the page shown before dana's edit
+        before = {"action_hash": action_hash("payments.refund", request.args)}
+        stale = client_for(fin).post(url, {**before, "verdict": verdict, "comment": "No."}, **HX)
+        html = stale.content.decode()
+        assert stale.status_code == 409 and html.lstrip().startswith('<div id="request-panel"')
+        assert "changed since you were shown them (dana edited them)" in html
+        # the refreshed panel shows the edit to decide on, and posts its hash
+        request.refresh_from_db()
+        assert f'name="action_hash" value="{request.action_hash}"' in html
+        assert "Edited by dana" in html and "1 of 2</strong> approvals" in html
+    assert Decision.objects.filter(request=request).count() == 1
+    assert AuditRecord.objects.filter(verb__startswith="approval.").count() == records
+
+    done = client_for(fin).post(url, shown(request, verdict="approve"), **HX)
+    assert done.status_code == 200
+    request.refresh_from_db()
+    assert request.status == "edited" and request.approved_args["amount"] == 80
+    decision = Decision.objects.get(request=request, reviewer=fin)
+    assert decision.snapshot["args"] == {"order_id": "A-1004", "amount": 80}
+
+
+def test_a_request_needing_two_approvals_shows_the_count_who_approved_and_the_pending_edit(fin):
+    request = make_request(quorum=2, minutes=5)
+    dana, erin = member("dana", "finance"), member("erin", "finance")
+    url = reverse("approvals:decide", args=[request.pk])
+    client_for(dana).post(url, shown(request, verdict="approve"), **HX)
+    queue = client_for(fin).get(reverse("approvals:queue")).content.decode()
+    assert "0 of 2</strong> approvals" not in queue and "1 of 2</strong> approvals" in queue
+    assert "approved by dana" in queue
+
+    edit = {"verdict": "edit", "confirm": "1", "arg-order_id": "A-1004", "arg-amount": "80"}
+    response = client_for(erin).post(url, shown(request, **edit), **HX)
+    assert "Your edit is recorded: 1 of 2 approvals" in response.content.decode()
+    request.refresh_from_db()
+    page = client_for(fin).get(reverse("approvals:request", args=[request.pk])).content.decode()
+    for text in (
+        "1 of 2</strong> approvals",  # erin's edit restarted the count: dana approved 1899
+        "approved by erin",
+        "Edited by erin",
+        "payments.refund: order_id A-1004, amount 80",  # the arguments under review
+        '<td class="diff-remove">1899</td><td class="diff-add">80</td>',
+        f'name="action_hash" value="{request.action_hash}"',
+    ):
+        assert text in page, text
+    row = client_for(fin).get(reverse("approvals:queue")).content.decode()
+    assert "edited by erin" in row and "amount 1899</span> → <span" in row
+    assert f'data-action-hash="{request.action_hash}"' in row  # the keyboard's approve posts it
+
+    mine = client_for(erin).get(reverse("approvals:request", args=[request.pk])).content.decode()
+    assert "You decided this request" in mine and ">Approve</button>" not in mine
