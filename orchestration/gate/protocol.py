@@ -13,7 +13,9 @@ Outcome = Literal["allow", "deny", "pending", "approved", "rejected", "halted"]
 @dataclass(frozen=True)
 class Action:
     """What an agent wants to do. ``hash`` identifies the tool and its canonical arguments, so
-    an approval applies only to exactly what the reviewer saw."""
+    an approval applies only to exactly what the reviewer saw. ``args`` are canonical (the
+    engine canonicalises them once). ``agent`` is the agent acting, whose rights apply: inside
+    ``ctx.agent`` that loop's agent, else the run's; None for a workflow acting without one."""
 
     tool: str
     args: dict[str, Any]
@@ -37,7 +39,7 @@ class Verdict:
     outcome: Outcome
     action_hash: str = ""
     reason: str = ""
-    args: dict[str, Any] | None = None  # approved: the arguments to execute (maybe edited)
+    args: dict[str, Any] | None = None  # the arguments decided on, which execute (maybe edited)
     diff: dict[str, Any] | None = None  # approved after an edit: what changed
     score: int | None = None
     factors: list[dict[str, Any]] = field(default_factory=list)
