@@ -75,8 +75,10 @@ class AuditRecord(models.Model):
 
 class LedgerHead(models.Model):
     """The single row holding the chain's last sequence and hash. Writers lock it last, so the
-    chain stays linear under concurrent transactions; ``audit_verify`` also checks the chain
-    ends where the head says, so dropping records from the end is caught."""
+    chain stays linear under concurrent transactions. Only the database moves it: each inserted
+    record must extend it and advances it (migration 0011), so no record lies beyond it.
+    ``audit_verify`` checks the chain ends exactly where the head says: dropping records from the
+    end, or forcing one in past the triggers, is caught."""
 
     seq = models.PositiveBigIntegerField(default=0)
     hash = models.CharField(max_length=64, default=GENESIS_HASH)
