@@ -488,7 +488,8 @@ class Context:
         on executes. A tool not usable here, or arguments without a canonical form or outside
         the tool's schema, are refused before the gate and recorded as a refused step."""
         seq, step = self._next(StepKind.TOOL, name)
-        call, malformed = _call_input(args, reasoning, confidence)
+        agent = self.acting_agent.name if self.acting_agent else None
+        call, malformed = _call_input(args, reasoning, confidence, agent=agent)
         replayed = step is not None and step.status in DONE
         if not malformed:
             self._count_call(name, call["args"], replayed=replayed)
@@ -513,7 +514,7 @@ class Context:
                 args=args,
                 run_id=self.run.pk,
                 step_seq=seq,
-                agent=self.acting_agent.name if self.acting_agent else None,
+                agent=agent,
                 reasoning=reasoning,
                 confidence=confidence,
                 labels=tuple(sorted(self.labels)),
@@ -774,17 +775,21 @@ class Context:
             )
 
 
-def _call_input(args: Any, reasoning: str, confidence: Any) -> tuple[dict, str]:
-    """A tool step's input: the canonical arguments, the reasoning and the confidence. A call
-    without a canonical form is recorded without its arguments, with what is wrong."""
+def _call_input(
+    args: Any, reasoning: str, confidence: Any, *, agent: str | None
+) -> tuple[dict, str]:
+    """A tool step's input: the canonical arguments, the reasoning, the confidence and the agent
+    acting. A call without a canonical form is recorded without its arguments, with what is
+    wrong."""
+    refused = {"args": None, "reasoning": "", "confidence": None, "agent": agent}
     if not isinstance(args, dict):
-        return {"args": None, "reasoning": "", "confidence": None}, "arguments must be an object"
+        return refused, "arguments must be an object"
     try:
         call = {"args": canonical_args(args), "reasoning": reasoning, "confidence": confidence}
         canonical_json(call, path="call")
     except CanonicalError as exc:
-        return {"args": None, "reasoning": "", "confidence": None}, str(exc)
-    return call, ""
+        return refused, str(exc)
+    return {**call, "agent": agent}, ""
 
 
 def _schema_problem(definition, args: dict) -> InvalidArguments | None:

@@ -179,8 +179,13 @@ def test_a_nested_agent_acts_with_its_own_rights_within_the_run_s(gate, puppet):
         ("confine.read", {"label": "both"}),
         ("confine.write", {"label": "after the loop"}),
     ]
-    refused = run.step_set.filter(error_type="ToolUnavailable").values_list("name", flat=True)
-    assert sorted(refused) == ["confine.other", "confine.write"]
+    steps = run.step_set.filter(kind="tool").order_by("seq")
+    assert [(s.name, s.error_type, s.input["agent"]) for s in steps] == [
+        ("confine.write", "ToolUnavailable", "inner"),
+        ("confine.other", "ToolUnavailable", "inner"),
+        ("confine.read", "", "inner"),
+        ("confine.write", "", "outer"),
+    ]
 
 
 def test_the_run_s_agent_acts_again_after_a_loop_that_failed(gate, puppet, monkeypatch):
