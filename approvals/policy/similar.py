@@ -60,10 +60,10 @@ def similar_condition(args: dict[str, Any], *, labels: list[str], score: int) ->
     return " && ".join(clauses)
 
 
-def _active(run: Run):
+def _active(agent_id: int, run: Run):
     now = timezone.now()
     return (
-        Grant.objects.filter(agent=run.agent, source=REVIEWER, revoked_at__isnull=True)
+        Grant.objects.filter(agent_id=agent_id, source=REVIEWER, revoked_at__isnull=True)
         .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
         .filter(Q(run_id__isnull=True) | Q(run_id=run.pk))
         .order_by("id")
@@ -71,12 +71,12 @@ def _active(run: Run):
 
 
 def similar_grant(decision: Decision, run: Run) -> Grant | None:
-    """The first active reviewer grant of the run's agent that covers the decided action."""
-    if run.agent is None or decision.score > _deny_above(decision):
+    """The first active reviewer grant of the agent acting that covers the decided action."""
+    if decision.agent_id is None or decision.score > _deny_above(decision):
         return None
     tool = decision.input["action"]["tool"]
     ctx = None
-    for grant in _active(run):
+    for grant in _active(decision.agent_id, run):
         if not fnmatchcase(tool, grant.tool_pattern):
             continue
         if grant.max_uses is not None and grant.uses >= grant.max_uses:
@@ -115,7 +115,7 @@ def similar_use(decision: Decision, run: Run, *, step_seq: int) -> Grant | None:
             "grant.used",
             actor="policy-gate",
             run_id=run.pk,
-            agent_id=run.agent_id,
+            agent_id=decision.agent_id,
             workflow=run.workflow,
             tool=decision.input["action"]["tool"],
             outcome="allow",
