@@ -22,7 +22,8 @@ def decided(verdict="approve", **post):
     request = make_request(run, reasoning=HOSTILE, args={"order_id": "A-1004", "amount": 1899})
     reviewer = member("dana", "finance")
     response = client_for(reviewer).post(
-        f"/approvals/{request.pk}/decide/", {"verdict": verdict, **post}
+        f"/approvals/{request.pk}/decide/",
+        {"verdict": verdict, "action_hash": request.action_hash, **post},
     )
     assert response.status_code in (200, 302), response.content.decode()[:500]
     return Decision.objects.get(request=request, reviewer=reviewer)

@@ -151,3 +151,36 @@ def test_the_demo_policy_sends_the_first_runs_risky_actions_to_reviewers(policy_
         ("payments.refund", "allow"),
         ("email.send", "allow"),
     ]
+
+
+def test_allowed_and_approved_verdicts_carry_the_canonical_arguments_to_execute(
+    policy_gate, reviewer
+):
+    from approvals.policy.gate import PolicyGate
+    from orchestration.gate import Action
+
+    run = drive(refund(order_id="A-1001").pk)
+    raw = {"order_id": " A-1001 ", "amount": 5.0, "reason": "Broken.  "}
+    gate = PolicyGate()
+    allowed = gate.review(
+        Action(tool="orders.lookup", args={"order_id": " A-1001 "}, run_id=run.pk, step_seq=90),
+        run_id=run.pk,
+        step_seq=90,
+    )
+    assert (allowed.outcome, allowed.args) == ("allow", {"order_id": "A-1001"})
+
+    Rule.objects.create(
+        name="Ask every refund",
+        tool_patterns=["payments.refund"],
+        outcome="ask",
+        priority=1,
+        condition="true",
+    )
+    policy_publish(by="policy")
+    action = Action(tool="payments.refund", args=raw, run_id=run.pk, step_seq=91)
+    assert gate.review(action, run_id=run.pk, step_seq=91).outcome == "pending"
+    request = ApprovalRequest.objects.get(run_id=run.pk, step_seq=91)
+    assert request.args == {"amount": 5, "order_id": "A-1001", "reason": "Broken."}
+    approval_decide(request=request, reviewer=reviewer, verdict="approve")
+    approved = gate.review(action, run_id=run.pk, step_seq=91)
+    assert (approved.outcome, approved.args) == ("approved", request.args)
