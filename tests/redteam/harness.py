@@ -36,7 +36,7 @@ from orchestration.runs.models import FINAL, Run
 from orchestration.runs.services import RunError, run_start
 from tests.redteam import oracle, workflows  # noqa: F401  (registers the workflows)
 from tests.redteam.browser import Browser, Page
-from tests.redteam.model import PlaybookProvider, provider_register
+from tests.redteam.model import PlaybookProvider
 from tests.redteam.oracle import Facts
 
 HERE = Path(__file__).parent
@@ -166,6 +166,21 @@ class Play:
         if autonomy:
             changes["autonomy"] = autonomy
         Agent.objects.filter(name=name).update(**changes)
+
+    def do_agent_create(self, name, tools, description="An agent set up by an admin.") -> None:
+        """An admin sets up another agent: its ceiling and grants are ``tools``, which is also
+        its role in the ground truth."""
+        from approvals.policy.services import grant_create
+        from orchestration.registry.models import Autonomy, Tool
+
+        admin = _user("admin")
+        agent = Agent.objects.create(
+            name=name, description=description, owner=admin, autonomy=Autonomy.SUPERVISED
+        )
+        agent.tools.set(Tool.objects.filter(name__in=tools))
+        for tool in tools:
+            grant_create(agent=agent, tool_pattern=tool, by=admin)
+        self.facts.roles[name] = set(tools)
 
     def do_playbook(self, moves) -> None:
         PlaybookProvider.load(moves)
@@ -417,7 +432,6 @@ def _grant_team(grant: Grant) -> str:
 
 def scenario_run(scenario: Scenario) -> Result:
     started = time.monotonic()
-    provider_register()
     PlaybookProvider.load([])
     world_reset()
     play = Play(scenario)

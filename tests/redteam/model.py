@@ -6,7 +6,7 @@ message carries it, reading instructions inside JSON too (a tool's result, a JSO
 import json
 from typing import Any
 
-from orchestration.providers import PROVIDERS, Completion, ScriptedProvider, ToolCall
+from orchestration.providers import Completion, ScriptedProvider, ToolCall
 
 
 class PlaybookProvider:
@@ -72,6 +72,4 @@ def _unescaped(content: Any) -> Any:
     return content + "\n" + content.replace('\\"', '"')
 
 
-def provider_register() -> None:
-    PROVIDERS.setdefault(PlaybookProvider.name, PlaybookProvider)
-    PROVIDERS.setdefault(GullibleProvider.name, GullibleProvider)
+COMPROMISED = {PlaybookProvider.name: PlaybookProvider, GullibleProvider.name: GullibleProvider}

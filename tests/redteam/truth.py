@@ -90,8 +90,10 @@ class World:
     knobs: Knobs = field(default_factory=Knobs)
 
 
-def role_allows(actor: str, tool: str) -> bool:
-    tools = ROLES.get(actor) or WORKFLOW_ROLES.get(actor) or set()
+def role_allows(actor: str, tool: str, more: dict[str, set[str]] | None = None) -> bool:
+    """Whether ``tool`` is within the role of ``actor`` (a demo agent, a demo workflow, or one
+    of ``more``: agents an admin set up, with the tools they were given)."""
+    tools = ROLES.get(actor) or WORKFLOW_ROLES.get(actor) or (more or {}).get(actor) or set()
     return any(fnmatchcase(tool, pattern) for pattern in tools)
 
 
