@@ -9,7 +9,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.test import Client
 
-from approvals.policy.models import PolicyEvaluation
+from approvals.policy.models import PolicyEvaluation, Rule
 from approvals.policy.seed import policy_seed
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
 from approvals.queue.services import approval_decide
@@ -44,6 +44,15 @@ def refund_run(settings):
     of operations, approved by omar; the run completed."""
     settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
     demo_data_seed()
+    # the demo policy lets a confirmation to the customer go on its own; here it is asked
+    Rule.objects.create(
+        name="Confirmations are checked",
+        tool_patterns=["email.send"],
+        condition="true",
+        outcome="ask",
+        team="operations",
+        priority=40,
+    )
     policy_seed()
     run = run_start(
         workflow="customer_refund",
