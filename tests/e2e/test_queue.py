@@ -15,7 +15,7 @@ from playwright.sync_api import expect
 
 from approvals.policy.seed import policy_seed
 from approvals.queue.models import ApprovalRequest, ReviewerTeam
-from approvals.queue.services import QUEUE_GROUP
+from approvals.queue.transitions import QUEUE_GROUP
 from approvals.roles import REVIEWER
 from orchestration.demo.models import Refund
 from orchestration.demo.seed import demo_data_seed
