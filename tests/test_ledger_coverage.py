@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.exceptions import ObjectDoesNotExist
 from django.db import DatabaseError, transaction
 from django.urls import reverse
@@ -22,6 +23,7 @@ from approvals.policy.services import grant_create, grant_revoke, policy_publish
 from approvals.queue.deadlines import request_expire
 from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
 from approvals.queue.services import approval_claim, approval_decide, approval_release
+from approvals.roles import POLICY_ADMIN, REVIEWER
 from orchestration.demo.seed import demo_data_seed
 from orchestration.gate import Action, Question
 from orchestration.ledger.chain import ledger_append
@@ -65,7 +67,8 @@ def world(settings):
     settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
     demo_data_seed()
     policy_seed()
-    reviewer = get_user_model().objects.create_user("rae")
+    reviewer = get_user_model().objects.create_user("rae")  # reviews and manages grants
+    reviewer.groups.add(*Group.objects.filter(name__in=(REVIEWER, POLICY_ADMIN)))
     for name in ("finance", "operations"):
         ReviewerTeam.objects.get_or_create(name=name)[0].members.add(reviewer)
     agent = Agent.objects.get(name="refund-bot")

@@ -2,6 +2,7 @@
 (migration 0011), except the deletion below the boundary of the latest ``ledger.pruned`` record,
 with no exit any session setting opens; and keeps one chain under concurrent writers."""
 
+import os
 import threading
 
 import pytest
@@ -80,6 +81,34 @@ def test_only_the_latest_pruned_record_opens_deletion_below_its_boundary():
     with pytest.raises(DatabaseError, match=r"record #7 is not below the boundary \(none\)"):
         run("DELETE FROM orchestration_auditrecord WHERE seq = 7")
     assert seqs() == [7, 8]
+
+
+def test_the_applications_role_has_no_way_around_the_guard():
+    """As a role with every privilege on the tables but neither their owner nor a superuser (how
+    the application should connect), nothing removes, rewrites or reorders a record."""
+    records = append_many(3)
+    role = f"baton_ledger_app_{os.getpid()}"  # rolled back with the test's transaction
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE ROLE {role} NOLOGIN")
+        cursor.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        cursor.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+        cursor.execute(f"SET ROLE {role}")
+    try:
+        for sql, error in [
+            ("DELETE FROM orchestration_auditrecord WHERE seq = 2", "record #2 is not below"),
+            ("TRUNCATE orchestration_auditrecord", "TRUNCATE on"),
+            ("SET LOCAL session_replication_role = replica", "permission denied"),
+            ("ALTER TABLE orchestration_auditrecord DISABLE TRIGGER USER", "must be owner"),
+            ("DROP TRIGGER baton_ledger_link ON orchestration_auditrecord", "must be owner"),
+            ("UPDATE orchestration_ledgerhead SET seq = 0", "UPDATE on orchestration_ledgerhead"),
+        ]:
+            with pytest.raises(DatabaseError, match=error):
+                run(sql, *OLD_EXITS)
+        assert append().prev_hash == records[-1].hash  # appending is all it can do
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("RESET ROLE")
+    assert seqs() == [1, 2, 3, 4]
 
 
 @pytest.mark.django_db(transaction=True)
