@@ -140,7 +140,7 @@ def _allow_similar(locked: ApprovalRequest, scope: str, reviewer, now):
     with the decision's ledger record."""
     from approvals.policy.services import grant_create
     from approvals.policy.similar import REVIEWER, similar_condition
-    from orchestration.registry.models import Tool
+    from orchestration.registry.models import Agent, Tool
 
     if not (locked.obligations or {}).get("allow_similar"):
         raise ValidationError({"allow_similar": "The rule does not permit allowing similar."})
@@ -151,11 +151,13 @@ def _allow_similar(locked: ApprovalRequest, scope: str, reviewer, now):
             {"allow_similar": f"Only the approval that decides (quorum {locked.quorum}) can."}
         )
     run = Run.objects.select_related("agent").get(pk=locked.run_id)
-    if run.agent is None:
-        raise ValidationError({"allow_similar": "This run has no agent to allow anything."})
+    # The grant is the acting agent's (a nested loop's agent, not the run's).
+    agent = Agent.objects.filter(name=locked.agent).first() if locked.agent else None
+    if agent is None:
+        raise ValidationError({"allow_similar": "No agent proposed this action."})
     approved = locked.args_under_review
     return grant_create(
-        agent=run.agent,
+        agent=agent,
         tool_pattern=locked.tool,
         by=reviewer,
         condition=similar_condition(

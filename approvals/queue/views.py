@@ -35,6 +35,7 @@ from orchestration.ledger.models import AuditRecord
 from orchestration.registry.declare import RegistryError, get_tool
 from orchestration.registry.models import Tool
 from orchestration.runs import selectors as run_selectors
+from orchestration.runs.access import run_access
 from orchestration.runs.forms import WorkflowInputForm
 from orchestration.runs.views import oob
 
@@ -122,7 +123,9 @@ def request_context(approval: ApprovalRequest, user, **extra: Any) -> dict[str, 
         "is_open": approval.status in OPEN,
         "run": run,
         "facts": run_selectors.run_facts(run) if run else {},
-        "timeline": run_selectors.run_timeline(run) if run else [],
+        "timeline": run_selectors.run_timeline(run, hidden=run_access().hidden_steps(user, run))
+        if run
+        else [],
         "args_rows": run_selectors.pairs(approval.args_under_review or {}),
         "decided_by_you": bool(user and approval.decisions.filter(reviewer=user).exists()),
         "factors": verdict.get("factors") or [],

@@ -131,6 +131,27 @@ def test_a_finance_reviewer_does_not_read_an_operations_request(people):
     assert reads_the_request(run_page(people["operations"], run))
 
 
+def test_a_request_page_shows_the_runs_other_teams_steps_only_as_having_happened(people):
+    """The request page carries the run's timeline: an operations request in a run that also
+    waits on finance shows the finance step, not what it carries."""
+    run, _ = refund_run(team="finance")
+    Step.objects.create(
+        run=run, seq=3, kind="tool", name="email.send", status="waiting",
+        input={"args": {"to": "ops@baton.example"}, "reasoning": "Tell operations"},
+    )  # fmt: skip
+    ops_request = ApprovalRequest.objects.create(
+        run_id=run.pk, step_seq=3, agent="bot", tool="email.send",
+        args={"to": "ops@baton.example", "subject": "Refund", "body": "Refund pending"},
+        team="operations", verdict={"outcome": "ask"},
+    )  # fmt: skip
+    url = reverse("approvals:request", kwargs={"request_id": ops_request.pk})
+    html = client_for(people["operations"]).get(url).content.decode()
+    assert "ops@baton.example" in html  # its own request
+    assert HIDDEN in html and not reads_the_request(html)
+    both = member("both", "finance", "operations")
+    assert reads_the_request(client_for(both).get(url).content.decode())
+
+
 def test_a_team_less_request_is_everyones_and_an_escalated_one_its_escalation_teams(people):
     run, request = refund_run(team="")
     assert reads_the_request(run_page(people["operations"], run))

@@ -266,3 +266,12 @@ def test_a_grant_covers_no_riskier_action_and_nothing_above_the_deny_threshold(
     AutonomyThreshold.objects.filter(autonomy="supervised").update(deny_above=99)
     policy_publish(by="policy")
     assert decided(102, 0.8).outcome == "approved"
+
+
+def test_the_grant_goes_to_the_agent_that_proposed_the_action_not_the_runs(policy_gate, reviewer):
+    """A nested agent's approved action grants similar actions to that agent: the run's own
+    agent gains nothing it was never approved for."""
+    request = waiting_request()
+    ApprovalRequest.objects.filter(pk=request.pk).update(agent="travel-agent")
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    assert Grant.objects.get(source="reviewer").agent.name == "travel-agent"
