@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from django.urls import reverse
 
+from approvals.access import has_role
 from approvals.roles import AUDIT, MANAGE_POLICY, REVIEW
 from orchestration.workers import worker_status
 
@@ -19,8 +20,8 @@ class NavItem:
         if self.permission is None:
             return user.is_superuser
         if isinstance(self.permission, tuple):
-            return any(user.has_perm(p) for p in self.permission)
-        return user.has_perm(self.permission)
+            return has_role(user, *self.permission)
+        return has_role(user, self.permission)
 
     def is_current(self, view_name: str) -> bool:
         return view_name == self.url_name or bool(

@@ -16,6 +16,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import urlencode
 from django_htmx.http import push_url
 
+from approvals.access import has_role
 from approvals.audit import selectors
 from approvals.audit.search import (
     KNOWN_OUTCOMES,
@@ -58,7 +59,7 @@ def search_context(
             for message in messages
         ],
         **_suggestions(),
-        "can_review": request.user.has_perm(REVIEW),
+        "can_review": has_role(request.user, REVIEW),
         **selectors.ledger_status(),
     }
 
@@ -103,7 +104,7 @@ def audit_decision(request: HttpRequest, decision_id: int) -> HttpResponse:
     context = {
         **selectors.decision_context(decision),
         **selectors.ledger_status(),
-        "can_review": request.user.has_perm(REVIEW),
+        "can_review": has_role(request.user, REVIEW),
     }
     return TemplateResponse(request, DECISION, context)
 
@@ -116,6 +117,6 @@ def audit_run(request: HttpRequest, run_id: int) -> HttpResponse:
     context = {
         **replay,
         **selectors.ledger_status(),
-        "can_review": request.user.has_perm(REVIEW),
+        "can_review": has_role(request.user, REVIEW),
     }
     return TemplateResponse(request, REPLAY, context)

@@ -10,7 +10,7 @@ from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 from django.utils.http import urlencode
 
-from approvals.access import visible_to
+from approvals.access import has_role, visible_to
 from approvals.queue.models import APPROVALS, OPEN, ApprovalRequest, Decision, RequestKind
 from approvals.roles import REVIEW
 from orchestration.canonical import args_diff
@@ -21,7 +21,7 @@ SUMMARY_LENGTH = 120
 
 
 def can_review(user) -> bool:
-    return bool(user and user.is_active and user.has_perm(REVIEW))
+    return has_role(user, REVIEW)
 
 
 def band_range(band: str) -> tuple[int, int]:

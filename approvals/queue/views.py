@@ -20,7 +20,7 @@ from django.utils.cache import patch_vary_headers
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from approvals.access import grants_visible_to, visible_to
+from approvals.access import grants_visible_to, has_role, visible_to
 from approvals.policy.models import Grant
 from approvals.policy.services import grant_revoke
 from approvals.policy.similar import REVIEWER
@@ -305,7 +305,7 @@ def review_or_policy(view):
 
     @login_required
     def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        if not (request.user.has_perm(REVIEW) or request.user.has_perm(MANAGE_POLICY)):
+        if not has_role(request.user, REVIEW, MANAGE_POLICY):
             raise PermissionDenied("Only reviewers and policy admins see these grants.")
         return view(request, *args, **kwargs)
 
