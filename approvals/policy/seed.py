@@ -2,7 +2,8 @@
 refunds above 500 EUR for an order (or a run) in total go to finance (the refund policy); schema
 migrations need a second engineer and a volume deletion is confirmed first (the runbook);
 customer data goes out only to the customer it is about, card numbers never (the email policy);
-secrets never leave. Everything else within those lines runs on its own. Idempotent."""
+secrets never leave; a booking beyond two weeks, or a second one in a run, is checked. Everything
+else within those lines runs on its own. Idempotent."""
 
 from django.db import transaction
 
@@ -82,6 +83,16 @@ RULES = [
         description="Every piece of customer data the run read is about the recipient.",
     ),
     dict(
+        name="Email without anyone's data",
+        tool_patterns=["email.*"],
+        outcome="allow",
+        priority=60,
+        condition='!("pii" in run.labels) && !("secret" in run.labels)'
+        ' && !("untrusted_input" in action.labels)',
+        description="The run has read no customer data and no secret, and the email carries "
+        "no retrieved text: nothing the email policy protects can be in it.",
+    ),
+    dict(
         name="Internal email",
         tool_patterns=["email.*"],
         outcome="allow",
@@ -113,6 +124,16 @@ RULES = [
         on_expiry="deny",
         message="The runbook: deleting a volume is irreversible; confirm it is detached, its "
         "snapshots are verified and backups are older than 90 days.",
+    ),
+    dict(
+        name="Long or repeated bookings need a reviewer",
+        tool_patterns=["travel.book"],
+        outcome="ask",
+        priority=40,
+        condition="args.nights > 14 || totals.run.count > 1",
+        deadline_minutes=60,
+        message="A booking of more than two weeks, or a second booking for one request: check "
+        "it is what the guest asked for.",
     ),
     dict(
         name="Watch expensive bookings",

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from django.db.models import Q
+
 from orchestration.registry.declare import TOOLS
 from orchestration.runs.models import Step, StepKind, StepStatus
 
@@ -129,12 +131,13 @@ def _subject(name: str, output: Any) -> str | None:
 
 
 def run_taint(run_id: int, args: dict[str, Any]) -> Taint:
-    """The run's labelled data, from one query over its tool steps. A step that is executing
+    """The run's labelled data, from one query over its steps. A tool step that is executing
     (its output not yet recorded) counts as having read the labels its tool produces, about no
     one known."""
+    executing = Q(kind=StepKind.TOOL, status__in=(StepStatus.STARTED, StepStatus.RETRYING))
     rows = (
-        Step.objects.filter(run_id=run_id, kind=StepKind.TOOL)
-        .filter(status__in=(StepStatus.COMPLETED, StepStatus.STARTED, StepStatus.RETRYING))
+        Step.objects.filter(run_id=run_id)
+        .filter((Q(status=StepStatus.COMPLETED) & ~Q(labels=[])) | executing)
         .values_list("name", "status", "output", "labels")
     )
     hay = haystack(args)

@@ -13,6 +13,7 @@ from approvals.queue.services import approval_decide
 from orchestration.demo.models import Booking, Email, InfraChange, Refund
 from orchestration.demo.seed import FIRST_RUNS, demo_data_seed
 from orchestration.gate import Action
+from orchestration.registry.models import Agent
 from orchestration.runs.models import Run, Step
 from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
@@ -60,6 +61,13 @@ def approve_all(run: Run, reviewer, *, answer: str = "") -> Run:
         else:
             approval_decide(request=request, reviewer=reviewer, verdict="approve")
     raise AssertionError("the run kept waiting")
+
+
+def bare_run(workflow: str, agent: str) -> Run:
+    """A run of ``workflow`` by ``agent`` that has done nothing yet (not driven)."""
+    return Run.objects.create(
+        workflow=workflow, workflow_version=1, agent=Agent.objects.get(name=agent), budgets={}
+    )
 
 
 def refund_run(order_id: str) -> Run:
@@ -172,3 +180,48 @@ def test_card_numbers_never_go_by_email(policy_gate):
     verdict = review(run, 50, "email.send", to="cam@example.com", subject="Refund", body=body)
     assert verdict.outcome == "deny"
     assert "Card numbers never go by email" in verdict.rules
+
+
+def test_an_email_from_a_run_that_read_no_ones_data_goes_out_on_its_own(policy_gate):
+    run = bare_run("customer_refund", "refund-bot")
+    note = {"to": "desk@courier.example", "subject": "Pickups", "body": "Fridays too?"}
+    assert review(run, 1, "email.send", **note).outcome == "allow"
+    Step.objects.create(
+        run=run,
+        seq=1,
+        kind="retrieve",
+        name="retrieve policies",
+        status="completed",
+        output=[{"text": "Slow invoice queries usually mean a missing index."}],
+        labels=["untrusted_input"],
+        idempotency_key=f"{run.pk}-1",
+    )
+    quoting = {**note, "body": "Slow invoice queries usually mean a missing index."}
+    assert review(run, 2, "email.send", **quoting).outcome == "pending"  # retrieved text
+
+
+def test_a_booking_beyond_two_weeks_or_a_second_one_is_checked(policy_gate):
+    from approvals.policy.decide import decide
+
+    run = bare_run("travel_booking", "travel-agent")
+    stay = {"hotel": "Baixa Central", "guest": "Ana Silva", "check_in": "2027-10-01"}
+
+    def booked(seq, nights):
+        action = Action(
+            tool="travel.book", args={**stay, "nights": nights}, run_id=run.pk, step_seq=seq
+        )
+        return decide(action, run)
+
+    assert booked(1, 7).outcome == "allow"
+    assert booked(1, 28).outcome == "ask"
+    Step.objects.create(
+        run=run,
+        seq=1,
+        kind="tool",
+        name="travel.book",
+        status="completed",
+        input={"args": {**stay, "nights": 7}},
+        idempotency_key=f"{run.pk}-1",
+    )
+    second = booked(2, 7)
+    assert (second.outcome, second.rules) == ("ask", ["Long or repeated bookings need a reviewer"])
