@@ -8,13 +8,14 @@ executing (started, retrying, completed), with the arguments that executed (an a
 else the proposed ones). Refused and waiting steps are not counted. So a limit reads as it is
 meant: ``totals.target.sum.amount > 500.0`` is "with this refund, the order's refunds pass 500".
 
-Three aggregate queries per decision, one per total: the run's through the (run, seq) unique
-index, the agent's and the target's through the (name, started_at) index of steps."""
+The agent is the one acting (the step's recorded agent; for older steps, the run's). Three
+aggregate queries per decision, one per total: the run's through the (run, seq) unique index,
+the agent's and the target's through the (name, started_at) index of steps."""
 
 from datetime import timedelta
 from typing import Any
 
-from django.db.models import Count, FloatField, Sum, Value
+from django.db.models import CharField, Count, F, FloatField, Sum, Value
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, Trim
 from django.utils import timezone
@@ -66,7 +67,13 @@ def totals(
         run_id=run_id, seq=step_seq
     )
     in_run = executed.filter(run_id=run_id)
-    by_agent = executed.filter(started_at__gte=now - AGENT_WINDOW, run__agent__name=agent)
+    by_agent = (
+        executed.filter(started_at__gte=now - AGENT_WINDOW)
+        .annotate(
+            acting=Coalesce(KT("input__agent"), F("run__agent__name"), output_field=CharField())
+        )
+        .filter(acting=agent)
+    )
     on_target = (
         executed.filter(started_at__gte=now - TARGET_WINDOW)
         .annotate(target_value=Trim(_executed(target)))

@@ -172,3 +172,30 @@ def test_totals_are_in_the_stored_input_and_a_rule_can_use_the_agents(policy_gat
     )
     decision = decide(action, run)
     assert decision.input["totals"]["agent"]["count"] == 3
+
+
+def test_the_agent_total_is_the_acting_agents(policy_gate):
+    """A step records the agent that acted (a nested agent acts as itself in another's run)."""
+    run = run_start(
+        workflow="_split_refund",
+        agent="refund-bot",
+        input={"order_id": "A-1004", "amount": 1, "times": 0},
+    )
+    Step.objects.create(
+        run=run,
+        seq=1,
+        kind="tool",
+        name="payments.refund",
+        status="completed",
+        input={"args": {"order_id": "A-1001", "amount": 40}, "agent": "infra-agent"},
+        started_at=timezone.now(),
+        idempotency_key=f"{run.pk}-1",
+    )
+
+    def agent_total(agent):
+        args = {"order_id": "A-1002", "amount": 1}
+        found = totals(tool="payments.refund", args=args, run_id=run.pk, step_seq=2, agent=agent)
+        return found["agent"]
+
+    assert agent_total("infra-agent") == {"count": 2, "sum": {"amount": 41.0}}
+    assert agent_total("refund-bot") == {"count": 1, "sum": {"amount": 1.0}}
