@@ -124,12 +124,16 @@ class ApprovalRequest(models.Model):
 
 
 class Decision(models.Model):
-    """One per reviewer per request; immutable."""
+    """One per reviewer per request; immutable. An approval counts toward the quorum of the
+    team it was given under (an escalated request's new team counts its own)."""
 
     request = models.ForeignKey(ApprovalRequest, on_delete=models.PROTECT, related_name="decisions")
     reviewer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT)
     verdict = models.CharField(max_length=12)  # approve, edit, reject, halt, answer
     action_hash = models.CharField(max_length=64, blank=True)
+    team = models.CharField(
+        max_length=80, blank=True, help_text="the request's team when the decision was given"
+    )
     edited_args = models.JSONField(null=True, blank=True)
     diff = models.JSONField(null=True, blank=True)
     comment = models.TextField(blank=True)

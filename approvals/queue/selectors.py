@@ -112,11 +112,16 @@ def open_requests(user) -> QuerySet[ApprovalRequest]:
 
 
 def approvers(request: ApprovalRequest) -> list[str]:
-    """Who approved the hash now under review (an edit restarts the count), in order."""
+    """Who approved the hash now under review (an edit restarts the count) under the request's
+    current team (an escalation restarts it too), in order: ``transitions.approvals_of``."""
     decisions = getattr(request, "approval_decisions", None)
     if decisions is None:
         decisions = request.decisions.filter(verdict__in=APPROVALS).select_related("reviewer")
-    return [d.reviewer.get_username() for d in decisions if d.action_hash == request.action_hash]
+    return [
+        d.reviewer.get_username()
+        for d in decisions
+        if d.action_hash == request.action_hash and d.team == request.team
+    ]
 
 
 def pending_edit(request: ApprovalRequest) -> dict[str, Any] | None:

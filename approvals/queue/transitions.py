@@ -4,7 +4,8 @@
     pending, escalated          claim          the same status, claimed by a reviewer
     pending, escalated          release        the same status, unclaimed (also a claim's expiry)
     pending, escalated          approve        approved or edited once the quorum of distinct
-                                               reviewers approved the hash under review; else
+                                               reviewers of the request's current team
+                                               approved the hash under review; else
                                                the same status, the approver's claim ended
     pending, escalated          edit           as approve, for the edited arguments' new hash
                                                (the edit is the editor's approval of it)
@@ -225,6 +226,7 @@ def _decision(locked: ApprovalRequest, *, reviewer, verdict: str, **fields: Any)
         reviewer=reviewer,
         verdict=verdict,
         action_hash=fields.pop("action_hash", locked.action_hash),
+        team=locked.team,
         snapshot=shown,
         snapshot_hash=sha256_hex(canonical_json(shown)),
         **fields,
@@ -232,9 +234,10 @@ def _decision(locked: ApprovalRequest, *, reviewer, verdict: str, **fields: Any)
 
 
 def approvals_of(request: ApprovalRequest, hash_: str) -> list[str]:
-    """The distinct reviewers who approved ``hash_`` on this request (one decision each)."""
+    """The distinct reviewers who approved ``hash_`` on this request (one decision each) under
+    its current team: approvals given before it escalated count for the team that lost it."""
     return list(
-        request.decisions.filter(verdict__in=APPROVALS, action_hash=hash_)
+        request.decisions.filter(verdict__in=APPROVALS, action_hash=hash_, team=request.team)
         .order_by("id")
         .values_list("reviewer__username", flat=True)
     )

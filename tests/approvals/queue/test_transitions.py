@@ -12,6 +12,7 @@ from django.db import connections, transaction
 from django.utils import timezone
 
 from approvals.queue import transitions
+from approvals.queue.deadlines import request_expire
 from approvals.queue.models import ApprovalRequest, Decision
 from approvals.queue.selectors import request_snapshot
 from approvals.queue.services import approval_claim, approval_decide
@@ -144,6 +145,33 @@ def test_an_escalated_request_escalates_no_further_and_supersede_takes_an_approv
         transitions.supersede(transitions.lock(request.pk), reason="stricter", now=now)
     request.refresh_from_db()
     assert (request.status, request.reason) == ("superseded", "stricter")
+
+
+def test_an_approval_counts_only_toward_the_quorum_of_the_team_it_was_given_under(run):
+    obligations = {"team": "ops", "quorum": 2, "on_expiry": "escalate"}
+    request = request_for(run, team="ops", quorum=2)
+    ApprovalRequest.objects.filter(pk=request.pk).update(
+        obligations={**obligations, "escalation_team": "finance"},
+        deadline=timezone.now() - timedelta(seconds=1),
+    )
+    approval_decide(request=request, reviewer=user("olga", "ops"), verdict="approve")
+    assert request_expire(request.pk) == "escalated"
+    fay, finn = user("fay", "finance"), user("finn", "finance")
+
+    after_fay = approval_decide(request=request, reviewer=fay, verdict="approve")
+
+    # olga approved for ops, which no longer holds the request: finance needs two of its own
+    assert (after_fay.status, after_fay.team) == ("escalated", "finance")
+    assert transitions.approvals_of(after_fay, after_fay.action_hash) == ["fay"]
+    assert request_snapshot(after_fay)["approvals"] == ["fay"]
+    done = approval_decide(request=request, reviewer=finn, verdict="approve")
+    assert done.status == "approved"
+    assert [d.team for d in done.decisions.all()] == ["ops", "finance", "finance"]
+    met = transitions.met_obligations(done)
+    assert (met["team"], met["approvals"]) == ("finance", ["fay", "finn"])
+    still_asked = {**obligations, "escalation_team": "finance"}  # ops, escalating to finance
+    assert transitions.unmet_obligations(done, still_asked) == ""
+    assert ledger_verify().ok
 
 
 # --- concurrency, on PostgreSQL --------------------------------------------------------------
