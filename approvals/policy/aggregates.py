@@ -1,6 +1,7 @@
 """Totals a policy can see: what the same tool has done so far in the run, for the acting agent
 over a day, and on the same target (the value of the tool's declared ``target`` argument, e.g.
-one order) over thirty days, across runs and agents.
+one order) over all time, across runs and agents: "the order's refunds in total" has no window,
+or waiting a month would reset it.
 
 Each total is ``{"count": n, "sum": {argument: total}}`` over the tool's numeric top-level
 arguments (doubles), counting the action being decided and the tool steps that executed or are
@@ -10,7 +11,10 @@ meant: ``totals.target.sum.amount > 500.0`` is "with this refund, the order's re
 
 The agent is the one acting (the step's recorded agent; for older steps, the run's). Three
 aggregate queries per decision, one per total: the run's through the (run, seq) unique index,
-the agent's and the target's through the (name, started_at) index of steps."""
+the agent's and the target's through the (name, started_at) index of steps (the target's by its
+leading ``name`` column: its cost grows with the tool's whole history, one pass over that tool's
+steps, which is what an all-time total is; an index on the target value is the next step if a
+tool's history grows large)."""
 
 from datetime import timedelta
 from typing import Any
@@ -25,7 +29,6 @@ from orchestration.registry.declare import TOOLS
 from orchestration.runs.models import Step, StepKind, StepStatus
 
 AGENT_WINDOW = timedelta(hours=24)
-TARGET_WINDOW = timedelta(days=30)
 EXECUTED = (StepStatus.STARTED, StepStatus.RETRYING, StepStatus.COMPLETED)
 
 
@@ -74,11 +77,7 @@ def totals(
         )
         .filter(acting=agent)
     )
-    on_target = (
-        executed.filter(started_at__gte=now - TARGET_WINDOW)
-        .annotate(target_value=Trim(_executed(target)))
-        .filter(target_value=value)
-    )
+    on_target = executed.annotate(target_value=Trim(_executed(target))).filter(target_value=value)
     return {
         "run": _total(in_run, fields, args),
         "agent": _total(by_agent if agent else None, fields, args),

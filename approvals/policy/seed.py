@@ -12,7 +12,7 @@ from approvals.policy.services import grant_create, policy_publish
 from orchestration.registry.models import Agent
 
 INTERNAL = 'args.to.lowerAscii().endsWith("@baton.example")'
-# With this refund: the order's refunds (any run, thirty days) and the run's.
+# With this refund: the order's refunds (any run, all time) and the run's.
 ORDER_TOTAL = "totals.target.sum.amount"
 RUN_TOTAL = "totals.run.sum.amount"
 # 13 to 19 digits, or groups of four (Amex: 4-6-5) with spaces or dashes between

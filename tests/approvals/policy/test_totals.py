@@ -1,5 +1,5 @@
 """Totals: a policy sees what the same tool has done in the run, for the agent over a day and on
-the same target over thirty days, so splitting an action into small ones does not evade a limit.
+the same target over all time, so splitting an action into small ones does not evade a limit.
 Run with the real engine, gate and seeded demo policy."""
 
 from datetime import timedelta
@@ -142,12 +142,21 @@ def test_totals_count_what_executed_in_their_windows_with_a_few_queries(policy_g
     steps.update(verdict={"outcome": "approved", "args": {"order_id": "A-1004", "amount": 80}})
     assert seen(order_id="A-1004", amount=50)["target"]["sum"] == {"amount": 130.0}
 
-    # outside the windows: the agent's day and the target's thirty days
+    # outside the agent's day; the target ("the order in total") has no window
     steps.update(started_at=timezone.now() - timedelta(days=2))
     later = seen(order_id="A-1004", amount=50)
     assert later["agent"]["count"] == 1 and later["target"]["count"] == 2
-    steps.update(started_at=timezone.now() - timedelta(days=31))
-    assert seen(order_id="A-1004", amount=50)["target"]["count"] == 1
+    steps.update(started_at=timezone.now() - timedelta(days=400))
+    assert seen(order_id="A-1004", amount=50)["target"]["count"] == 2
+
+
+def test_an_orders_refunds_add_up_however_far_apart(policy_gate):
+    """Waiting a month does not reset "refunds up to 500 EUR for an order in total"."""
+    first = split(amount=300, times=1)
+    Step.objects.filter(run=first).update(started_at=timezone.now() - timedelta(days=31))
+    second = split(amount=300, times=1)
+    assert second.status == "waiting" and refunded() == 300
+    assert ApprovalRequest.objects.get(run_id=second.pk).team == "finance"
 
 
 def test_totals_are_in_the_stored_input_and_a_rule_can_use_the_agents(policy_gate):
