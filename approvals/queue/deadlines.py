@@ -1,7 +1,8 @@
 """Deadlines of approval requests (beat: ``approvals.tasks.sweep_requests``).
 
 An open action request past its deadline gets its rule's ``on_expiry``: ``deny`` (the default)
-expires it and the gate denies the action; ``approve`` approves the action under review;
+expires it and the gate denies the action; ``approve`` approves the agent's own proposal (a
+reviewer's edit short of its quorum is discarded);
 ``escalate`` hands it to the escalation team with a new deadline, once (an escalated request that
 expires again is denied); ``halt`` halts the run. Shortly before a deadline the queue is warned,
 once per request. Each change is a transition of ``approvals.queue.transitions``, committed with

@@ -12,7 +12,9 @@
     pending, escalated          reject         rejected
     pending, escalated          answer         approved (questions)
     pending, escalated          halt           halted (every open request of the run)
-    pending, escalated          expire         expired, or approved / edited (on_expiry approve)
+    pending, escalated          expire         expired, or approved (on_expiry approve: the
+                                               agent's proposal; an edit short of its quorum
+                                               is discarded)
     pending                     escalate       escalated (once)
     pending, escalated,
     approved, edited            supersede      superseded (the action or its obligations changed)
@@ -457,13 +459,27 @@ def expire(locked: ApprovalRequest, *, reason: str, payload: dict, now) -> None:
 
 
 def approve_on_expiry(locked: ApprovalRequest, *, payload: dict, now) -> None:
-    """Past its deadline, where the rule says so: the hash under review is approved."""
+    """Past its deadline, where the rule says so: the agent's own proposal is approved. A
+    reviewer's edit still short of its quorum is no one's approval: it is discarded (and
+    recorded as such), never executed on the deadline's say."""
     _must_be(locked, OPEN)
-    edited = locked.approved_args is not None
+    proposed = action_hash(locked.tool, locked.args)
+    if locked.approved_args is not None:
+        payload = {
+            **payload,
+            "discarded_edit": {
+                "action_hash": locked.action_hash,
+                "edited_by": locked.edited_by,
+                "diff": args_diff(locked.args, locked.approved_args),
+            },
+        }
     _save(
         locked,
-        status=RequestStatus.EDITED if edited else RequestStatus.APPROVED,
-        approved_hash=locked.action_hash,
+        status=RequestStatus.APPROVED,
+        action_hash=proposed,
+        approved_args=None,
+        edited_by="",
+        approved_hash=proposed,
         decided_by=DEADLINE,
         decided_at=now,
     )
@@ -474,7 +490,7 @@ def approve_on_expiry(locked: ApprovalRequest, *, payload: dict, now) -> None:
         outcome="expiry_approved",
         payload={
             **payload,
-            "action_hash": locked.action_hash,
+            "action_hash": proposed,
             "status": locked.status,
             "met": met_obligations(locked),
         },

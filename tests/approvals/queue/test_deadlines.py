@@ -1,10 +1,12 @@
 """Deadlines: each ``on_expiry`` outcome, escalation once then deny, the warning before expiry
 (once), their ledger records, and the gate's verdict after expiry."""
 
+import json
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from approvals.policy.models import Rule
@@ -13,7 +15,10 @@ from approvals.policy.services import policy_publish
 from approvals.queue import transitions
 from approvals.queue.deadlines import requests_sweep
 from approvals.queue.models import ApprovalRequest, ReviewerTeam
+from approvals.queue.services import approval_decide
+from approvals.roles import REVIEWER
 from approvals.tasks import sweep_requests
+from orchestration.canonical import action_hash
 from orchestration.demo.models import Refund
 from orchestration.demo.seed import demo_data_seed
 from orchestration.ledger.chain import ledger_verify
@@ -116,6 +121,35 @@ def test_on_expiry_approve_approves_the_action_under_review(policy_gate, broadca
     assert "approval.expiry_approved" in verbs(request)
     drive(request.run_id)
     assert Refund.objects.get().amount == 1899
+
+
+def test_on_expiry_approve_discards_an_edit_short_of_its_quorum(policy_gate, broadcasts):
+    request = waiting_refund()
+    rules_of(request, on_expiry="approve", quorum=2)
+    request = waiting_refund(on_expiry="approve")
+    assert request.quorum == 2
+    mallory = get_user_model().objects.create_user("mallory")
+    mallory.groups.add(Group.objects.get(name=REVIEWER))
+    if request.team:
+        ReviewerTeam.objects.get_or_create(name=request.team)[0].members.add(mallory)
+    edited = approval_decide(
+        request=request, reviewer=mallory, verdict="edit", args={**request.args, "amount": 480}
+    )
+    assert (edited.status, edited.edited_by) == ("pending", "mallory")
+    overdue(request)
+
+    assert requests_sweep()["approved"] == 1
+
+    request.refresh_from_db()
+    assert (request.status, request.approved_args, request.edited_by) == ("approved", None, "")
+    assert request.approved_hash == request.action_hash == action_hash(request.tool, request.args)
+    record = AuditRecord.objects.get(approval_id=request.pk, verb="approval.expiry_approved")
+    discarded = json.loads(record.payload)["discarded_edit"]
+    assert discarded["action_hash"] == edited.action_hash and discarded["edited_by"] == "mallory"
+    assert discarded["diff"] == {"amount": [1899, 480]}
+    drive(request.run_id)
+    assert Refund.objects.get().amount == 1899  # the agent's proposal, not mallory's edit
+    assert ledger_verify().ok
 
 
 def test_an_approval_on_expiry_holds_only_while_the_policy_still_approves_on_expiry(
