@@ -11,12 +11,13 @@ service that shows or acts on a request asks here."""
 from collections.abc import Mapping
 
 from django.core.exceptions import PermissionDenied
-from django.db.models import Q, QuerySet
+from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.urls import reverse
 
 from approvals.policy.models import Grant
 from approvals.queue.models import OPEN, ApprovalRequest, RequestStatus
 from approvals.roles import AUDIT, MANAGE_POLICY, REVIEW
+from orchestration.registry.models import Agent
 from orchestration.runs.access import Link
 from orchestration.runs.models import Run
 
@@ -26,18 +27,46 @@ def has_role(user, *permissions: str) -> bool:
     return bool(user and user.is_active and any(user.has_perm(p) for p in permissions))
 
 
+def _readable(teams: list[str]) -> Q:
+    """Requests without a team, of one of ``teams``, or escalated to one of them."""
+    escalated = ApprovalRequest.objects.filter(
+        status=RequestStatus.ESCALATED, obligations__escalation_team__in=teams
+    )
+    return Q(team="") | Q(team__in=teams) | Q(pk__in=escalated.values("pk"))
+
+
 def visible_to(reviewer) -> QuerySet[ApprovalRequest]:
     """The requests a reviewer may see and decide: their teams' (and their escalation teams'),
-    and those without a team."""
-    teams = list(reviewer.reviewer_teams.values_list("name", flat=True))
-    escalated = Q(status=RequestStatus.ESCALATED, obligations__escalation_team__in=teams)
-    return ApprovalRequest.objects.filter(Q(team="") | Q(team__in=teams) | escalated)
+    and those without a team; but none of a step that also has a request the reviewer may not
+    see (a team-less request superseded by a finance one shows what finance's hides)."""
+    readable = _readable(list(reviewer.reviewer_teams.values_list("name", flat=True)))
+    unreadable_sibling = ApprovalRequest.objects.filter(
+        run_id=OuterRef("run_id"), step_seq=OuterRef("step_seq")
+    ).exclude(readable)
+    return ApprovalRequest.objects.filter(readable).exclude(Exists(unreadable_sibling))
 
 
 def check_team(request: ApprovalRequest, reviewer) -> None:
     """Raise ``PermissionDenied`` unless ``reviewer`` may see and decide ``request``."""
     if not visible_to(reviewer).filter(pk=request.pk).exists():
         raise PermissionDenied(f"This request is for the {request.team} team.")
+
+
+def check_separation_of_duties(request: ApprovalRequest, reviewer) -> None:
+    """Raise ``PermissionDenied`` if ``reviewer`` may not approve ``request``: whoever started
+    its run (or a run it was handed off from), and the owner of the agent that proposed the
+    action or of any agent in that chain of runs, must leave it to another reviewer."""
+    run = Run.objects.select_related("agent").get(pk=request.run_id)
+    owners = set()
+    while run is not None:
+        if run.started_by_id == reviewer.pk:
+            raise PermissionDenied("You started this run; another reviewer must decide.")
+        if run.agent is not None:
+            owners.add(run.agent.owner_id)
+        run = Run.objects.select_related("agent").filter(pk=run.parent_id).first()
+    acting = Agent.objects.filter(name=request.agent).values_list("owner_id", flat=True).first()
+    if reviewer.pk in owners | {acting}:
+        raise PermissionDenied("You own this agent; another reviewer must decide.")
 
 
 def sees_every_team(user) -> bool:
@@ -102,6 +131,11 @@ class RunAccess:
         hidden: dict[int, str] = {}
         for seq, team in hidden_from(user, [run.pk]).order_by("id").values_list("step_seq", "team"):
             hidden.setdefault(seq, f"the {team} team")
+        # A handoff step's result is its child run's: hidden if anything in that subtree is.
+        for child in Run.objects.filter(parent=run).order_by("id"):
+            blocked = hidden_from(user, _with_descendants(child)).order_by("id").first()
+            if blocked is not None and child.parent_step_seq is not None:
+                hidden.setdefault(child.parent_step_seq, f"the {blocked.team} team")
         return hidden
 
     def page_links(self, user, run: Run) -> list[Link]:

@@ -15,11 +15,11 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from approvals.access import check_team
+from approvals.access import check_separation_of_duties, check_team
 from approvals.queue import transitions
 from approvals.queue.models import GRANTED, ApprovalRequest, RequestStatus
 from orchestration.canonical import canonical_args
@@ -67,14 +67,6 @@ def claims_expire(*, now=None) -> int:
     return released
 
 
-def _check_separation_of_duties(request: ApprovalRequest, reviewer) -> None:
-    run = Run.objects.select_related("agent").get(pk=request.run_id)
-    if run.started_by_id == reviewer.pk:
-        raise PermissionDenied("You started this run; another reviewer must decide.")
-    if run.agent is not None and run.agent.owner_id == reviewer.pk:
-        raise PermissionDenied("You own this agent; another reviewer must decide.")
-
-
 def approval_decide(
     *,
     request: ApprovalRequest | int,
@@ -105,7 +97,7 @@ def approval_decide(
         locked = transitions.lock(_pk(request))
         check_team(locked, reviewer)
         if verdict in {"approve", "edit", "answer"}:
-            _check_separation_of_duties(locked, reviewer)
+            check_separation_of_duties(locked, reviewer)
         now = timezone.now()
         decided = {"reviewer": reviewer, "shown_hash": shown_hash, "now": now}
         also = None

@@ -333,16 +333,18 @@ def _slot(order: list[tuple[str, Any]], seq: int, step: Step) -> int:
     return len(order)
 
 
-def run_facts(run: Run) -> dict[str, Any]:
-    """The header's derived values."""
+def run_facts(run: Run, *, withheld: str = "") -> dict[str, Any]:
+    """The header's derived values. ``withheld`` (whom a hidden step is for): the run's result
+    and error may carry that step's output, so the viewer is told whose they are instead."""
     intent = run.intent if isinstance(run.intent, dict) else {}
     return {
+        "withheld": withheld,
         "cost": money(run.cost_usd),
         "percent": round((run.progress or 0) * 100),
         "goal": intent.get("goal") or "",
         "constraints": [compact(c) for c in intent.get("constraints") or []],
         "boundaries": [compact(b) for b in intent.get("boundaries") or []],
         "input": pairs(run.input or {}),
-        "result": pretty(run.result) if run.result is not None else "",
+        "result": pretty(run.result) if run.result is not None and not withheld else "",
         "children": run_children(run),
     }

@@ -91,10 +91,12 @@ def detail_context(run: Run, user, **extra: Any) -> dict[str, Any]:
     """What ``user`` may see and do of ``run``: the same for the page and its socket."""
     access = run_access()
     refusal = "" if run.is_final or not access.can_halt(user) else access.halt_refusal(user, run)
+    hidden = access.hidden_steps(user, run)
+    withheld = ", ".join(sorted(set(hidden.values())))
     return {
         "run": run,
-        "facts": selectors.run_facts(run),
-        "timeline": selectors.run_timeline(run, hidden=access.hidden_steps(user, run)),
+        "facts": selectors.run_facts(run, withheld=withheld),
+        "timeline": selectors.run_timeline(run, hidden=hidden),
         "can_halt": not run.is_final and access.can_halt(user) and not refusal,
         "halt_refusal": refusal,
         "can_retry": run.status == RunStatus.FAILED and access.can_operate(user),

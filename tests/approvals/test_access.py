@@ -14,7 +14,7 @@ from django.core.exceptions import PermissionDenied
 from django.test import Client
 from django.urls import reverse
 
-from approvals.access import RunAccess, grants_visible_to, has_role
+from approvals.access import RunAccess, grants_visible_to, has_role, visible_to
 from approvals.policy.models import Grant
 from approvals.policy.services import grant_revoke
 from approvals.queue.models import ApprovalRequest, RequestStatus, ReviewerTeam
@@ -343,3 +343,60 @@ def test_the_run_page_offers_the_control_planes_links_by_role(people):
     assert f'href="{audit}"' in html and grants not in html
     html = run_page(people["operations"], run)
     assert f'hx-get="{grants}"' in html and audit not in html
+
+
+# --- one step aside: outcomes, superseded requests, handoffs, separation of duties ---------
+
+
+def test_a_runs_outcome_is_withheld_from_a_team_a_step_of_it_is_hidden_from(people):
+    run, _ = refund_run()
+    Run.objects.filter(pk=run.pk).update(status=RunStatus.COMPLETED, result={"refunded": 1899.5})
+    html = run_page(people["operations"], run)
+    assert "Its outcome carries steps that are for the finance team" in html
+    assert AMOUNT not in html
+    assert AMOUNT in run_page(people["finance"], run)
+
+
+def test_a_request_is_hidden_when_another_request_of_its_step_is(people):
+    """A team-less request superseded by a finance one carries what finance's hides."""
+    run, renewed = refund_run(team="finance")
+    old = ApprovalRequest.objects.create(
+        run_id=run.pk, step_seq=2, agent="bot", tool="payments.refund", args=ARGS,
+        team="", status=RequestStatus.SUPERSEDED, verdict={"outcome": "ask"},
+    )  # fmt: skip
+    ops, fin = people["operations"], people["finance"]
+    assert not visible_to(ops).filter(pk=old.pk).exists()
+    assert set(visible_to(fin).filter(run_id=run.pk)) == {old, renewed}
+    url = reverse("approvals:request", kwargs={"request_id": old.pk})
+    assert client_for(ops).get(url).status_code == 403
+    assert client_for(fin).get(url).status_code == 200
+
+
+def test_a_handoff_step_is_hidden_when_its_child_run_holds_another_teams_request(people):
+    parent, _ = refund_run(team="")
+    Step.objects.create(
+        run=parent, seq=3, kind="handoff", name="handoff to bot", status="completed",
+        input={"goal": "refund"}, output={"refunded": 1899.5},
+    )  # fmt: skip
+    child, _ = refund_run(team="finance", parent=parent)
+    Run.objects.filter(pk=child.pk).update(parent_step_seq=3)
+    assert RunAccess().hidden_steps(people["operations"], parent) == {3: "the finance team"}
+    assert AMOUNT not in run_page(people["operations"], parent).split('id="step-3"')[1]
+    assert RunAccess().hidden_steps(people["finance"], parent) == {}
+
+
+def test_the_owner_of_the_agent_acting_and_the_starter_of_a_parent_run_cannot_approve(people):
+    from approvals.queue.services import approval_decide
+
+    starter = member("starter", "finance")
+    parent, _ = refund_run(team="")
+    Run.objects.filter(pk=parent.pk).update(started_by=starter)
+    _child, request = refund_run(team="finance", parent=parent)
+    hal = member("hal", "finance")
+    Agent.objects.create(name="helper", owner=hal)
+    ApprovalRequest.objects.filter(pk=request.pk).update(agent="helper")  # a nested loop's
+    for who in (hal, starter):
+        with pytest.raises(PermissionDenied):
+            approval_decide(request=request.pk, reviewer=who, verdict="approve")
+    decided = approval_decide(request=request.pk, reviewer=people["finance"], verdict="approve")
+    assert decided.status == RequestStatus.APPROVED
