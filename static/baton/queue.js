@@ -1,5 +1,7 @@
 /* The approval queue and request pages: live countdowns, the focused row kept in place while
-   rows arrive over the websocket, and keyboard shortcuts. No inline script: CSP script-src 'self'. */
+   rows arrive over the websocket, and keyboard shortcuts. A row shows only a summary, so no
+   shortcut decides from the queue: approve, edit, reject and halt open the request page, where
+   the reviewer reads the full arguments. No inline script: CSP script-src 'self'. */
 (function () {
   "use strict";
 
@@ -87,9 +89,9 @@
     var el = document.getElementById("queue-notice");
     if (el) el.textContent = text;
   }
-  function post(row, url, values) {
+  function post(row, url) {
     if (!window.htmx || !url) return;
-    htmx.ajax("POST", url, { source: row, values: values || {}, swap: "none" }).then(function () {});
+    htmx.ajax("POST", url, { source: row, swap: "none" }).then(function () {});
   }
   document.addEventListener("htmx:afterRequest", function (event) {
     var xhr = event.detail.xhr;
@@ -126,10 +128,7 @@
       case "k": focusRow(list[Math.max(index - 1, 0)], true); break;
       case "Enter": if (row && !(event.target.closest && event.target.closest("a, button"))) open(""); else return; break;
       case "c": if (row) post(row, row.getAttribute("data-claim-url")); break;
-      case "a":
-        if (row && row.getAttribute("data-kind") === "action") post(row, row.getAttribute("data-decide-url"), { verdict: "approve", action_hash: row.getAttribute("data-action-hash") });
-        else if (row) open("");
-        break;
+      case "a": open(""); break; // a row shows a summary: decisions are taken on the full request
       case "e": open("edit"); break;
       case "r": open("reject"); break;
       case "h": open("halt"); break;

@@ -212,6 +212,26 @@ def test_queue_keyboard_j_j_enter_opens_the_second_request_and_question_mark_hel
     page.keyboard.press("?")
     expect(help_dialog).to_be_visible()
     assert page.evaluate("() => document.getElementById('queue-help').open") is True
+    expect(help_dialog).to_contain_text("Approve (opens the request")
+
+
+def test_queue_keyboard_approve_opens_the_request_and_decides_nothing(queue_page):
+    """A row shows only a summary of the arguments: ``a`` opens the request page, where the
+    reviewer reads them in full and decides."""
+    base_url, _run, add, open_queue = queue_page
+    requests = [add(minutes) for minutes in (10, 20)]
+    page = open_queue()
+    page.keyboard.press("j")
+    page.keyboard.press("j")
+    expect(page.locator(f"#req-{requests[1].pk}")).to_be_focused()
+
+    page.keyboard.press("a")
+
+    page.wait_for_url(f"{base_url}/approvals/{requests[1].pk}/")
+    expect(page.locator("#request-state")).to_have_attribute("data-status", "pending")
+    for request in requests:
+        request.refresh_from_db()
+        assert request.status == "pending" and not request.decisions.exists()
 
 
 def test_the_focused_row_keeps_its_place_when_a_row_arrives_above_it(queue_page, redis_url):
