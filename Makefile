@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test lint format screenshots clean
+.PHONY: run test redteam lint format screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## redteam: the full red-team suite (every attack and benign task; prints its figures)
+redteam: $(VENV)/.installed-dev
+	$(BIN)/python -m tests.redteam
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .

@@ -87,8 +87,8 @@ FIRST_RUNS = [
     (
         "customer_refund",
         "refund-bot",
-        {"order_id": "A-1001", "reason": "The blender arrived broken."},
-        "Refund a broken blender",
+        {"order_id": "A-1002", "reason": "The espresso machine arrived broken."},
+        "Refund a broken espresso machine",
     ),
     (
         "travel_booking",

@@ -42,8 +42,8 @@ def test_the_three_first_runs_complete_with_a_story_to_read():
     }
 
     refund = finished["customer_refund"]
-    assert refund.result["refunded"] == 89.0
-    assert Refund.objects.get().amount == 89 and Email.objects.count() == 1
+    assert refund.result["refunded"] == 649.0
+    assert Refund.objects.get().amount == 649 and Email.objects.count() == 1
     kinds = [s.kind for s in refund.step_set.order_by("seq")]
     assert kinds == ["tool", "retrieve", "llm", "check", "tool", "tool"]
     decision = refund.step_set.get(kind="llm").output["parsed"]
