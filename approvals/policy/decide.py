@@ -48,6 +48,7 @@ class Decision:
     score: int = 0
     factors: list[dict[str, Any]] = field(default_factory=list)
     rules: list[str] = field(default_factory=list)
+    deciding_rules: list[str] = field(default_factory=list)  # of ``rules``, those that decided
     shadow_rules: list[str] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     obligations: dict[str, Any] | None = None
@@ -309,6 +310,7 @@ def decide_on(data: dict[str, Any], policy: CompiledPolicy, *, run: Run | None =
         worst = max(RANK[outcome] for _, outcome in matched)
         deciding = [(rule, o) for rule, o in matched if RANK[o] == worst]
         result.rules = [rule.name for rule, _ in matched]
+        result.deciding_rules = [rule.name for rule, _ in deciding]
         result.outcome = deciding[0][1]
         names = ", ".join(rule.name for rule, _ in deciding)
         result.reason = f"rule {names}"

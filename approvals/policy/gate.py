@@ -137,9 +137,12 @@ class PolicyGate:
             and request.status in GRANTED
             and request.approved_hash == decision.action_hash
         ):
-            # The approval holds only for the obligations it met: a stricter re-decision (another
-            # team, a higher quorum) asks again, on a new request for the same arguments.
-            unmet = unmet_obligations(request, decision.obligations or {})
+            # The approval holds only for the obligations it met: a stricter re-decision (a new
+            # rule asking, another team, a higher quorum) asks again, on a new request for the
+            # same arguments.
+            unmet = unmet_obligations(
+                request, decision.obligations or {}, rules=decision.deciding_rules
+            )
             if not unmet:
                 return _verdict(
                     "approved",

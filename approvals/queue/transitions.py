@@ -31,7 +31,7 @@ showed, and a decision on any other hash is refused; its snapshot is the request
 approved and to the obligations it met (the request's team and quorum, under the rules and the
 policy version of its verdict): ``unmet_obligations`` says whether a re-decision asks more."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -548,12 +548,17 @@ def met_obligations(request: ApprovalRequest) -> dict[str, Any]:
     }
 
 
-def unmet_obligations(request: ApprovalRequest, obligations: dict[str, Any]) -> str:
-    """Why an approval given on ``request`` does not meet a re-decision's ``obligations``
-    (empty: it does). Stricter is another team than the one that approved (an empty team is
-    anyone's; an escalated request's team stands for the team it escalated from, if the policy
-    still escalates to it), or a quorum above the distinct reviewers who approved the hash; an
-    approval on expiry holds only while the rule still approves on expiry."""
+def unmet_obligations(
+    request: ApprovalRequest, obligations: dict[str, Any], *, rules: Sequence[str] = ()
+) -> str:
+    """Why an approval given on ``request`` does not meet a re-decision's ``obligations``, asked
+    by its deciding ``rules`` (empty: it does). Stricter is another team than the one that
+    approved (an empty team is anyone's; an escalated request's team stands for the team it
+    escalated from, if the policy still escalates to it), a rule asking that was not among the
+    rules of the verdict the request was approved under (a new policy version asking under the
+    same rules, team and quorum is not), or a quorum above the distinct reviewers of that team
+    who approved the hash; an approval on expiry holds only while the rule still approves on
+    expiry."""
     team = obligations.get("team") or ""
     escalated_from = (request.obligations or {}).get("team") or ""
     team_met = team in ("", request.team) or (
@@ -561,6 +566,10 @@ def unmet_obligations(request: ApprovalRequest, obligations: dict[str, Any]) -> 
     )
     if not team_met:
         return f"the policy now asks the {team} team"
+    approved_under = set((request.verdict or {}).get("rules") or [])
+    new_rules = [rule for rule in rules if rule not in approved_under]
+    if new_rules:
+        return f"the policy now asks under rule {', '.join(new_rules)}"
     if request.decided_by == DEADLINE:
         if obligations.get("on_expiry") != "approve":
             return "the policy no longer approves this action on expiry"

@@ -166,6 +166,34 @@ def test_a_quorum_raised_while_waiting_needs_the_new_quorum_of_approvals(policy)
     assert run.status == "completed" and float(Refund.objects.get().amount) == 1800.0
 
 
+def test_a_rule_that_asks_anew_while_waiting_needs_an_approval_under_it(policy):
+    request = waiting(1800)
+    assert "Refunds above 1000: check the order" not in request.verdict["rules"]
+    fay = reviewer("fay", "finance")
+    approval_decide(request=request, reviewer=fay, verdict="approve")
+    Rule.objects.create(
+        name="Refunds above 1000: check the order",
+        tool_patterns=["payments.refund"],
+        condition="args.amount > 1000.0",
+        outcome="ask",
+        team="finance",
+        priority=2,
+    )  # the same team and quorum, but a reason to decide the approval never weighed
+    policy_publish(by="policy")
+
+    run = drive(request.run_id)
+
+    assert run.status == "waiting" and not Refund.objects.exists()
+    request.refresh_from_db()
+    assert request.status == "superseded"
+    assert request.reason == "the policy now asks under rule Refunds above 1000: check the order"
+    renewed = ApprovalRequest.objects.get(run_id=run.pk, status="pending")
+    assert "Refunds above 1000: check the order" in renewed.verdict["rules"]
+    approval_decide(request=renewed, reviewer=fay, verdict="approve")
+    run = drive(run.pk)
+    assert run.status == "completed" and float(Refund.objects.get().amount) == 1800.0
+
+
 def test_an_approval_that_met_what_the_re_decision_asks_executes(policy):
     request = waiting(1800)
     Rule.objects.filter(name="Large refunds: finance").update(message="Check the customer.")
