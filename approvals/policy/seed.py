@@ -2,8 +2,8 @@
 refunds above 500 EUR for an order (or a run) in total go to finance (the refund policy); schema
 migrations need a second engineer and a volume deletion is confirmed first (the runbook);
 customer data goes out only to the customer it is about, card numbers never (the email policy);
-secrets never leave; a booking beyond two weeks, or a second one in a run, is checked. Everything
-else within those lines runs on its own. Idempotent."""
+secrets never leave (a run that read one sends no email); a booking beyond two weeks, or a second
+one in a run, is checked. Everything else within those lines runs on its own. Idempotent."""
 
 from django.db import transaction
 
@@ -27,9 +27,10 @@ RULES = [
         tool_patterns=["email.*"],
         outcome="deny",
         priority=10,
-        condition=f'"secret" in action.labels || ("secret" in run.labels && !{INTERNAL})',
-        description="Nothing carrying a secret is sent, and once a run has read a secret, "
-        "nothing it sends leaves the company.",
+        condition='"secret" in action.labels || "secret" in run.labels',
+        description="Once a run has read a secret it sends no email, inside the company too: "
+        "a secret can be re-encoded past any check of what an email carries, so what the run "
+        "touched decides, not what the email seems to hold.",
     ),
     dict(
         name="Card numbers never go by email",
@@ -98,7 +99,7 @@ RULES = [
         outcome="allow",
         priority=60,
         condition=INTERNAL,
-        description="Email inside the company, unless it carries a secret.",
+        description="Email inside the company, from a run that read no secret.",
     ),
     dict(
         name="Schema migrations need a second engineer",

@@ -1,21 +1,29 @@
 """What a run's labelled data is and where it goes: the labels the run has touched, the labels
 an action's arguments carry by value, and whose personal data the run has read.
 
-Taint by value compares both sides normalised (NFKC, case folded, letters and digits only), so
-case, spacing and punctuation do not hide a value. The arguments are also read decoded (base64,
-URL-safe base64 and hex, up to two layers, at any alignment, read backwards too), and a value is
+Taint by value compares both sides normalised (look-alike Cyrillic and Greek letters read as
+the Latin ones, NFKC, case folded, letters and digits only), so case, spacing, punctuation and
+homoglyphs do not hide a value. The arguments are also read decoded (percent-encoding, HTML
+entities, base64, URL-safe base64 and hex, up to two layers, base64 at any alignment and read
+backwards too), and a value is
 found reversed or in pieces of at least ``MIN_PIECE`` characters spread over one or several
 arguments. Minimum lengths keep ordinary text from matching: a labelled value is looked for from
-``MIN_LENGTH`` normalised characters, and in pieces only from ``MIN_PIECES_LENGTH``."""
+``MIN_LENGTH`` normalised characters, and in pieces only from ``MIN_PIECES_LENGTH``.
+
+This is a net for data that leaks by accident or by a careless injection; an encoding it does
+not know (ROT13, any cipher) hides a value from it, so a policy protects what must never leave
+by what the run touched (``run.labels``), not by what an action seems to carry."""
 
 import base64
 import binascii
+import html
 import re
 import string
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from django.db.models import Q
 
@@ -38,6 +46,11 @@ _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+")
 _URLSAFE = str.maketrans("-_", "+/")
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+# Cyrillic and Greek letters that look like Latin ones (NFKC keeps them apart)
+_LOOKALIKES = str.maketrans(
+    "аеорсхуіјѕкмнтвАЕОРСХУІЈЅКМНТВαοριεκντυχΑΒΕΗΙΚΜΝΟΡΤΥΧΖ",
+    "aeopcxyijskmhtbAEOPCXYIJSKMHTBaopiekvtuxABEHIKMNOPTYXZ",
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,8 @@ class Taint:
 
 
 def normal(text: str) -> str:
-    return _NOT_ALNUM.sub("", unicodedata.normalize("NFKC", text).casefold())
+    text = unicodedata.normalize("NFKC", text.translate(_LOOKALIKES))
+    return _NOT_ALNUM.sub("", text.casefold())
 
 
 def strings(value: Any) -> Iterator[str]:
@@ -63,8 +77,10 @@ def strings(value: Any) -> Iterator[str]:
 
 
 def _decodings(text: str) -> Iterator[str]:
-    """What base64 or hex tokens of ``text`` decode to (leniently: noise is dropped later).
-    Words (letters in one case, maybe capitalised) are not read as base64."""
+    """``text`` with its percent-encoding and HTML entities decoded, and what its base64 or hex
+    tokens decode to (leniently: noise is dropped later). Words (letters in one case, maybe
+    capitalised) are not read as base64."""
+    yield from {unquote(text), html.unescape(text)} - {text}
     sources = (text, _SPACE.sub("", text))
     for token in {token for source in sources for token in _HEX.findall(source)}:
         yield bytes.fromhex(token).decode("utf-8", "ignore")

@@ -275,7 +275,8 @@ def test_taint_a_secret_read_earlier_cannot_be_emailed(demo):
     assert (decision.outcome, decision.reason) == ("deny", "rule Secrets never leave")
     assert decision.input["action"]["labels"] == ["secret"]
     clean = act(run, "email.send", seq=3, to="partner@baton.example", subject="Hi", body="Hi")
-    assert clean.outcome != "deny"  # the run touched the secret, this email does not carry it
+    assert clean.input["action"]["labels"] == []  # it does not carry the secret ...
+    assert clean.outcome == "deny"  # ... but the run touched it: a secret may hide in any form
 
 
 def test_equivalent_arguments_have_one_hash_and_different_ones_differ():

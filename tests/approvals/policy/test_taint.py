@@ -3,6 +3,7 @@ hex, reversal, pieces), ordinary text is not mistaken for it, and rules use the 
 has touched: once a run has read a secret, nothing it sends leaves the company."""
 
 import base64
+import codecs
 
 import pytest
 from hypothesis import given
@@ -46,6 +47,10 @@ ENCODED = {
     "hex": TOKEN.encode().hex(),
     "reversed": TOKEN[::-1],
     "pieces with noise": "sk live QQ 9fA3 ZZ xQ72 KK LmN0pZ",
+    "percent-encoded": "".join(f"%{ord(c):02X}" for c in TOKEN),
+    "HTML entities": "".join(f"&#{ord(c)};" for c in TOKEN),
+    "HTML entities escaped": "".join(f"&amp;#x{ord(c):x};" for c in TOKEN),
+    "look-alike letters": TOKEN.translate(str.maketrans("aAxpN", "\u0430\u0391\u0445\u0440\u039d")),
 }
 
 
@@ -128,8 +133,11 @@ def test_once_a_run_read_a_secret_nothing_it_sends_leaves(secret_run):
     assert outside.outcome == "deny" and outside.rules[0] == "Secrets never leave"
     assert outside.input["action"]["labels"] == []  # not carried: what the run touched
     assert "secret" in outside.input["run"]["labels"]
-    inside = email(secret_run, 3, "OPS@Baton.Example", "Nothing to see here.")
-    assert (inside.outcome, inside.rules) == ("allow", ["Internal email"])
+    # inside the company too: what the run touched decides, not what the email seems to carry
+    # (an encoding taint by value does not know, ROT13 here, hides a secret from it)
+    inside = email(secret_run, 3, "OPS@Baton.Example", codecs.encode(TOKEN, "rot13"))
+    assert inside.input["action"]["labels"] == []
+    assert (inside.outcome, inside.rules[0]) == ("deny", "Secrets never leave")
 
 
 def test_an_executing_step_counts_as_read_and_about_no_one_known(demo):
