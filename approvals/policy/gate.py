@@ -211,7 +211,7 @@ def _diff(request: ApprovalRequest) -> dict | None:
 
 def _request_fields(action: Action, run: Run, decision: Decision) -> dict:
     """A request for an ask: the action under review with the decision's obligations, and what
-    the approval will be bound to (the verdict's rules, policy version and labels)."""
+    the approval will be bound to (the verdict's rules, policy version, labels and totals)."""
     obligations = decision.obligations or {}
     return {
         "run_id": run.pk,
@@ -231,6 +231,7 @@ def _request_fields(action: Action, run: Run, decision: Decision) -> dict:
             "shadow_rules": decision.shadow_rules,
             "policy_version": decision.policy_version,
             "labels": _labels(decision),
+            "totals": (decision.input or {}).get("totals"),
         },
         "obligations": obligations,
         "team": obligations.get("team", ""),

@@ -31,17 +31,25 @@ CEL_RESERVED = {
 }  # fmt: skip
 
 
-def _field(name: str) -> str:
+def _field(name: str, within: str = "args") -> str:
     if IDENTIFIER.match(name) and name not in CEL_RESERVED:
-        return f"args.{name}"
-    return f"args[{json.dumps(name, ensure_ascii=False)}]"
+        return f"{within}.{name}"
+    return f"{within}[{json.dumps(name, ensure_ascii=False)}]"
 
 
-def similar_condition(args: dict[str, Any], *, labels: list[str], score: int) -> str:
+def similar_condition(
+    args: dict[str, Any],
+    *,
+    labels: list[str],
+    score: int,
+    totals: dict[str, Any] | None = None,
+) -> str:
     """A CEL constraint from an approved action: each top-level scalar argument except free text
-    (strings and booleans equal, numbers at most the approved value); the labels the action
-    carries and the run has touched within the approved action's ``labels``; the risk at most
-    its ``score``."""
+    (strings and booleans equal, numbers at most the approved value); each summed total of the
+    approved action (``totals``, e.g. the order's refunds with it) at most its approved value,
+    so a grant never covers an action that takes a total past what the reviewer approved; the
+    labels the action carries and the run has touched within the approved action's ``labels``;
+    the risk at most its ``score``."""
     clauses = []
     for name in sorted(args):
         value = args[name]
@@ -53,6 +61,12 @@ def similar_condition(args: dict[str, Any], *, labels: list[str], score: int) ->
             clauses.append(f"{_field(name)} <= {float(value)!r}")
         elif isinstance(value, str):
             clauses.append(f"{_field(name)} == {json.dumps(value, ensure_ascii=False)}")
+    for scope in sorted(totals or {}):
+        sums = (totals[scope] or {}).get("sum") or {}
+        for name in sorted(sums):
+            if type(sums[name]) in (int, float):
+                total = _field(name, f"totals.{scope}.sum")
+                clauses.append(f"{total} <= {float(sums[name])!r}")
     known = json.dumps(sorted(set(labels)), ensure_ascii=False)
     clauses.append(f"action.labels.all(label, label in {known})")
     clauses.append(f"run.labels.all(label, label in {known})")

@@ -153,7 +153,10 @@ def _allow_similar(locked: ApprovalRequest, scope: str, reviewer, now):
         tool_pattern=locked.tool,
         by=reviewer,
         condition=similar_condition(
-            approved, labels=locked.verdict.get("labels", []), score=locked.risk_score
+            approved,
+            labels=locked.verdict.get("labels", []),
+            score=locked.risk_score,
+            totals=locked.verdict.get("totals"),
         ),
         run_id=run.pk if scope == "run" else None,
         expires_at=now + SIMILAR_HOUR if scope == "hour" else None,

@@ -103,6 +103,8 @@ def test_allow_similar_for_the_run_approves_similar_actions_of_that_run(policy_g
     assert grant.agent.name == "refund-bot" and grant.tool_pattern == "payments.refund"
     assert grant.condition == (
         'args.amount <= 1899.0 && args.order_id == "A-1004"'
+        " && totals.agent.sum.amount <= 1899.0 && totals.run.sum.amount <= 1899.0"
+        " && totals.target.sum.amount <= 1899.0"
         ' && action.labels.all(label, label in ["pii", "untrusted_input"])'
         ' && run.labels.all(label, label in ["pii", "untrusted_input"])'
         f" && risk.score <= {request.risk_score}"
@@ -143,6 +145,31 @@ def test_allow_similar_for_an_hour_covers_other_runs_until_it_expires(policy_gat
     assert review(other.pk, 100, 1000).outcome == "approved"
     Grant.objects.filter(pk=grant.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     assert review(other.pk, 101, 1000).outcome == "pending"
+
+
+def test_the_totals_clauses_quote_odd_argument_names():
+    totals = {"run": {"count": 2, "sum": {"amount": 600, "in": 1.5}}, "target": {"count": 1}}
+    condition = similar_condition({}, labels=[], score=1, totals=totals)
+    assert condition.startswith(
+        'totals.run.sum.amount <= 600.0 && totals.run.sum["in"] <= 1.5 && action.labels'
+    )
+    compile_condition(condition)
+
+
+def test_a_grant_never_takes_a_total_past_what_was_approved(policy_gate, reviewer):
+    """Finance approved one 1899 refund of A-1004 and allowed similar ones for an hour: once it
+    executed, a further refund of that order in another run takes the order's total past 1899,
+    which no one approved."""
+    from orchestration.demo.models import Refund
+
+    request = waiting_request()
+    assert request.verdict["totals"]["target"] == {"count": 1, "sum": {"amount": 1899.0}}
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="hour")
+    assert drive(request.run_id).status == "completed"
+    assert [float(r.amount) for r in Refund.objects.all()] == [1899.0]
+    other = new_run(drive_it=False)
+    assert review(other.pk, 100, 1).outcome == "pending"
+    assert Grant.objects.get(source="reviewer").uses == 0
 
 
 def test_an_edited_approval_constrains_similar_actions_to_the_edit(policy_gate, reviewer):
