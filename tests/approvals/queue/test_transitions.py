@@ -5,8 +5,10 @@ halts serialise on the documented lock order without deadlock or a decision on u
 
 import threading
 from datetime import timedelta
+from importlib import import_module
 
 import pytest
+from django.apps import apps
 from django.core.exceptions import PermissionDenied
 from django.db import connections, transaction
 from django.utils import timezone
@@ -172,6 +174,17 @@ def test_an_approval_counts_only_toward_the_quorum_of_the_team_it_was_given_unde
     still_asked = {**obligations, "escalation_team": "finance"}  # ops, escalating to finance
     assert transitions.unmet_obligations(done, still_asked) == ""
     assert ledger_verify().ok
+
+
+def test_the_migration_gives_existing_decisions_their_requests_team(run):
+    backfill = import_module("approvals.migrations.0006_decision_team").backfill_team
+    approval_decide(
+        request=request_for(run, quorum=2), reviewer=user("a", "finance"), verdict="approve"
+    )
+    approval_decide(request=request_for(run, team="", seq=2), reviewer=user("b"), verdict="approve")
+    Decision.objects.update(team="unset")
+    backfill(apps, None)
+    assert sorted(Decision.objects.values_list("team", flat=True)) == ["", "finance"]
 
 
 # --- concurrency, on PostgreSQL --------------------------------------------------------------
