@@ -132,7 +132,7 @@ def test_the_demo_policy_sends_the_first_runs_risky_actions_to_reviewers(policy_
 
     runs = {run.workflow: drive(run.pk) for run in demo_runs_seed()}
     assert {w: r.status for w, r in runs.items()} == {
-        "customer_refund": "completed",
+        "customer_refund": "waiting",
         "travel_booking": "waiting",
         "infra_change": "waiting",
     }
@@ -141,15 +141,15 @@ def test_the_demo_policy_sends_the_first_runs_risky_actions_to_reviewers(policy_
         for r in ApprovalRequest.objects.filter(status="pending")
     }
     assert open_requests == {
+        (runs["customer_refund"].pk, "action", "payments.refund", "finance", 1),
         (runs["travel_booking"].pk, "question", "", "", 1),
         (runs["infra_change"].pk, "action", "infra.run_migration", "operations", 1),
     }
-    # routine reads ran on their own, the small refund and the customer's confirmation by rule
+    # routine reads ran on their own; the 649 EUR refund is above the order's 500 EUR
     refund_steps = runs["customer_refund"].step_set.filter(kind="tool")
     assert [(s.name, s.verdict["outcome"]) for s in refund_steps] == [
         ("orders.lookup", "allow"),
-        ("payments.refund", "allow"),
-        ("email.send", "allow"),
+        ("payments.refund", "pending"),
     ]
 
 
