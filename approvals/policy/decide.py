@@ -139,7 +139,7 @@ def build_context(
             "labels_produced": [],
         }
     agent = agent or acting_agent(action, run)
-    taint = run_taint(run.pk, args)
+    taint = run_taint(run.pk, args, step_seq=action.step_seq)
     data = {
         "action": {
             "tool": action.tool,

@@ -146,14 +146,16 @@ def _subject(name: str, output: Any) -> str | None:
     return value.strip().translate(_ASCII_LOWER) if isinstance(value, str) else None
 
 
-def run_taint(run_id: int, args: dict[str, Any]) -> Taint:
+def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None) -> Taint:
     """The run's labelled data, from one query over its steps. A tool step that is executing
     (its output not yet recorded) counts as having read the labels its tool produces, about no
-    one known."""
+    one known; the step being decided (``step_seq``, marked started before its review) has read
+    nothing yet."""
     executing = Q(kind=StepKind.TOOL, status__in=(StepStatus.STARTED, StepStatus.RETRYING))
     rows = (
         Step.objects.filter(run_id=run_id)
         .filter((Q(status=StepStatus.COMPLETED) & ~Q(labels=[])) | executing)
+        .exclude(seq=step_seq)
         .values_list("name", "status", "output", "labels")
     )
     hay = haystack(args)

@@ -36,7 +36,7 @@ from orchestration.engine.timeouts import call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
 from orchestration.registry.declare import TOOLS, get_tool, get_workflow
 from orchestration.registry.models import Agent
-from orchestration.runs.models import Run, Step, StepKind, StepStatus
+from orchestration.runs.models import Event, Run, Step, StepKind, StepStatus
 
 DONE = {StepStatus.COMPLETED, StepStatus.FAILED}
 
@@ -229,8 +229,10 @@ class Context:
         call: Callable[[], Any],
         *,
         timeout: float,
+        verdict: dict | None = None,
     ) -> Any:
-        """Run ``call`` once for this attempt; record the result, a retry, or a final failure."""
+        """Run ``call`` once for this attempt; record the result, a retry, or a final failure
+        (with the gate's ``verdict`` that let it run, if any)."""
         policy = RETRY_POLICIES[step.kind]
         started = time.monotonic()
         try:
@@ -251,6 +253,7 @@ class Context:
                 error=message,
                 error_type=type(error).__name__,
                 latency_ms=latency,
+                verdict=verdict,
                 next_attempt_at=retry_at,
                 message=f"Attempt {step.attempt} failed ({message}); retrying.",
                 event_kind=f"{step.kind}.retrying",
@@ -263,6 +266,7 @@ class Context:
             error=message,
             error_type="StepFailed",
             latency_ms=latency,
+            verdict=verdict,
             message=f"{step.name} failed after {step.attempt} attempt(s): {message}",
         )
         self._account(0, 0)
@@ -505,43 +509,42 @@ class Context:
             InvalidArguments(f"{name}: {malformed}") if malformed else None
         )
         problem = problem or _schema_problem(definition, args)
-        # Validate and review before the step is marked started, so that the start, the
-        # reasoning and the verdict are written together.
-        verdict = None
-        if problem is None:
-            action = Action(
-                tool=name,
-                args=args,
-                run_id=self.run.pk,
-                step_seq=seq,
-                agent=agent,
-                reasoning=reasoning,
-                confidence=confidence,
-                labels=tuple(sorted(self.labels)),
-            )
-            # The gate reads the run from the database (taint by value, totals): what the run
-            # produced and still holds in the outbox commits first, so the gate sees it all.
-            if self.outbox.finishes:
-                self.outbox.flush()
-            verdict = self._gate.review(action, run_id=self.run.pk, step_seq=seq)
-        record = verdict.to_record() if verdict else None
-        events = []
-        if verdict is not None:
-            events.append(
-                (f"verdict.{verdict.outcome}", _verdict_message(name, verdict), {"verdict": record})
-            )
+        # The step is marked started before the gate reviews it, committing with it whatever
+        # the outbox holds: the gate reads the run from the database (taint by value, totals)
+        # and sees everything the run produced, and this action as executing. That serialises
+        # concurrent reviews of one total: each review reads after its own start committed, so
+        # of two overlapping reviews the later read sees the other's started step, and a pair
+        # of actions that together pass a limit can never both be allowed on totals that miss
+        # the other (a started step that is then refused or waits stops counting: that errs
+        # towards asking). The verdict is recorded with the step's finish. A crash in between
+        # leaves a started step, re-attempted and reviewed again (the gate's review is
+        # idempotent per run and step).
         started = self._start(
-            seq,
-            StepKind.TOOL,
-            name,
-            call,
-            step,
-            message=reasoning and f"Reasoning: {reasoning}",
-            events=events,
-            verdict=record,
+            seq, StepKind.TOOL, name, call, step, message=reasoning and f"Reasoning: {reasoning}"
         )
         if problem is not None:
             self._refuse(started, problem)
+        action = Action(
+            tool=name,
+            args=args,
+            run_id=self.run.pk,
+            step_seq=seq,
+            agent=agent,
+            reasoning=reasoning,
+            confidence=confidence,
+            labels=tuple(sorted(self.labels)),
+        )
+        verdict = self._gate.review(action, run_id=self.run.pk, step_seq=seq)
+        record = verdict.to_record()
+        self.outbox.events.append(
+            Event(
+                run_id=self.run.pk,
+                step_seq=seq,
+                kind=f"verdict.{verdict.outcome}",
+                message=_verdict_message(name, verdict),
+                data={"verdict": record},
+            )
+        )
         if verdict.outcome == "deny":
             self._refuse(started, ActionDenied(verdict.reason or "denied by policy"), record)
         if verdict.outcome == "rejected":
@@ -561,6 +564,7 @@ class Context:
             started,
             lambda: definition.fn(**execute_args, idempotency_key=started.idempotency_key),
             timeout=definition.timeout,
+            verdict=record,
         )
         labels = sorted(set(definition.labels_produced))
         step_finish(

@@ -208,3 +208,75 @@ def test_the_agent_total_is_the_acting_agents(policy_gate):
 
     assert agent_total("infra-agent") == {"count": 2, "sum": {"amount": 41.0}}
     assert agent_total("refund-bot") == {"count": 1, "sum": {"amount": 1.0}}
+
+
+def test_two_concurrent_refunds_of_one_order_cannot_both_pass_its_limit(policy_gate, monkeypatch):
+    """Two workers refund 400 of one order at once: the second runs its whole refund between the
+    first's verdict and its refund. Each review reads after its own step is marked started, so
+    the later one sees the other and the 800 needs finance."""
+    from approvals.policy.gate import PolicyGate
+    from orchestration.engine.runner import run_advance
+
+    runs = [
+        run_start(
+            workflow="_split_refund",
+            agent="refund-bot",
+            input={"order_id": "A-1004", "amount": 400, "times": 1},
+        )
+        for _ in range(2)
+    ]
+    real = PolicyGate.review
+
+    def review(self, action, *, run_id, step_seq):
+        verdict = real(self, action, run_id=run_id, step_seq=step_seq)
+        if run_id == runs[0].pk and not Step.objects.filter(run=runs[1]).exists():
+            run_advance(runs[1].pk)  # the other worker, in this worker's window
+        return verdict
+
+    monkeypatch.setattr(PolicyGate, "review", review)
+    statuses = sorted(drive(run.pk).status for run in runs)
+    assert statuses == ["completed", "waiting"]
+    assert refunded() == 400
+    assert ApprovalRequest.objects.get().team == "finance"
+
+
+def test_two_workers_refunding_one_order_in_threads(policy_gate, monkeypatch):
+    """The same with two real workers on PostgreSQL; a barrier after both reviews began only
+    makes the overlap certain."""
+    import threading
+
+    from django.db import connections
+
+    from approvals.policy.gate import PolicyGate
+
+    if connection.vendor != "postgresql":
+        pytest.skip("threads need PostgreSQL")
+    runs = [
+        run_start(
+            workflow="_split_refund",
+            agent="refund-bot",
+            input={"order_id": "A-1004", "amount": 400, "times": 1},
+        )
+        for _ in range(2)
+    ]
+    real, barrier = PolicyGate.review, threading.Barrier(2, timeout=20)
+
+    def review(self, action, *, run_id, step_seq):
+        barrier.wait()
+        return real(self, action, run_id=run_id, step_seq=step_seq)
+
+    monkeypatch.setattr(PolicyGate, "review", review)
+
+    def work(pk):
+        try:
+            drive(pk)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=work, args=(run.pk,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert refunded() <= 400
+    assert ApprovalRequest.objects.filter(team="finance").exists()

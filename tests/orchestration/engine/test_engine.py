@@ -275,6 +275,30 @@ def test_pending_suspends_and_resume_asks_again_then_executes_the_approved_argum
     assert effects("risky") == 0 and effects("risky-edited") == 1
 
 
+def test_the_gate_reviews_a_step_already_started_with_the_run_so_far_committed(gate, monkeypatch):
+    """What concurrent reviews of one total rely on: a step counts as executing before its
+    review reads the database, and the previous step's finish is committed by then. The
+    verdict is recorded with the step's finish, with its event."""
+    seen = []
+    original = gate.review
+
+    def review(self, action, *, run_id, step_seq):
+        rows = Step.objects.filter(run_id=run_id).order_by("seq")
+        seen.append([(s.seq, s.status, s.verdict) for s in rows])
+        return original(self, action, run_id=run_id, step_seq=step_seq)
+
+    monkeypatch.setattr(gate, "review", review)
+    run = drive(run_start(workflow="test.many", input={"n": 2}).pk)
+    assert run.status == "completed"
+    first, second = seen
+    assert first == [(1, "started", None)]
+    assert second[0][:2] == (1, "completed") and second[0][2]["outcome"] == "allow"
+    assert second[1] == (2, "started", None)
+    assert [s.verdict["outcome"] for s in run.step_set.order_by("seq")] == ["allow", "allow"]
+    verdicts = run.events.filter(kind="verdict.allow").values_list("step_seq", flat=True)
+    assert sorted(verdicts) == [1, 2]
+
+
 def test_a_rejection_returns_the_reason_to_the_workflow(gate):
     gate.verdicts["test.effect"] = Verdict("rejected", reason="wrong customer")
     run = drive(run_start(workflow="test.gated", input={}).pk)
