@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 from django.db.models import Q
 
+from orchestration.engine.steps import run_subtree
 from orchestration.registry.declare import TOOLS
 from orchestration.runs.models import Step, StepKind, StepStatus
 
@@ -147,29 +148,31 @@ def _subject(name: str, output: Any) -> str | None:
 
 
 def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None) -> Taint:
-    """The run's labelled data, from one query over its steps. A tool step that is executing
-    (its output not yet recorded) counts as having read the labels its tool produces, about no
-    one known; the step being decided (``step_seq``, marked started before its review) has read
-    nothing yet."""
+    """The run's labelled data, from one query over the steps of the run and its descendants
+    (plus one per level to find them): what a handoff's child run read comes back with its
+    result, so it is the parent's too, and whose data it was is known from the child's steps.
+    A tool step that is executing (its output not yet recorded) counts as having read the
+    labels its tool produces, about no one known; the step being decided (``step_seq``, marked
+    started before its review) has read nothing yet."""
     executing = Q(kind=StepKind.TOOL, status__in=(StepStatus.STARTED, StepStatus.RETRYING))
     rows = (
-        Step.objects.filter(run_id=run_id)
+        Step.objects.filter(run_id__in=run_subtree(run_id))
         .filter((Q(status=StepStatus.COMPLETED) & ~Q(labels=[])) | executing)
-        .exclude(seq=step_seq)
-        .values_list("name", "status", "output", "labels")
+        .exclude(run_id=run_id, seq=step_seq)
+        .values_list("kind", "name", "status", "output", "labels")
     )
     hay = haystack(args)
     touched: set[str] = set()
     carried: set[str] = set()
     subjects: set[str | None] = set()
-    for name, status, output, labels in rows:
+    for kind, name, status, output, labels in rows:
         if status != StepStatus.COMPLETED:
             definition = TOOLS.get(name)
             labels, output = list(definition.labels_produced) if definition else [], None
         if not labels:
             continue
         touched.update(labels)
-        if PII in labels:
+        if PII in labels and kind != StepKind.HANDOFF:  # a handoff's: its child run's steps
             subjects.add(_subject(name, output))
         fresh = hay and not set(labels) <= carried
         if fresh and any(found(normal(text), hay) for text in strings(output)):

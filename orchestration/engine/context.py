@@ -31,7 +31,7 @@ from orchestration.engine.errors import (
     WorkflowError,
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
-from orchestration.engine.steps import Outbox, step_finish, step_start
+from orchestration.engine.steps import Outbox, step_finish, step_start, subtree_labels
 from orchestration.engine.timeouts import call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
 from orchestration.registry.declare import TOOLS, get_tool, get_workflow
@@ -649,16 +649,21 @@ class Context:
         if not child.is_final:
             raise Suspend(f"waiting for child run {child.pk}")
         if child.status == "completed":
+            # The child's result may carry anything its run (or theirs) read: the step's labels
+            # are the labels of whatever produced its output.
+            labels = subtree_labels(child.pk)
             step_finish(
                 step,
                 outbox=self.outbox,
                 defer=True,
                 status=StepStatus.COMPLETED,
                 output=child.result,
+                labels=labels,
                 message=f"{callee.name} finished (run {child.pk}).",
                 event_kind="handoff.completed",
             )
             self._account(0, 0)
+            self.labels.update(labels)
             return child.result
         error = f"child run {child.pk} {child.status}: {child.error or child.halt_reason}"
         step_finish(

