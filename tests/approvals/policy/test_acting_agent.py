@@ -5,9 +5,7 @@ everything the run has produced so far."""
 import pytest
 
 from approvals.policy.models import PolicyEvaluation
-from approvals.policy.seed import policy_seed
 from orchestration.demo.models import Email, Refund
-from orchestration.demo.seed import demo_data_seed
 from orchestration.registry.declare import workflow
 from orchestration.registry.models import Agent
 from orchestration.runs.services import run_start
@@ -31,13 +29,6 @@ def read_then_email(ctx, to: str) -> dict:
 @pytest.fixture
 def puppet(monkeypatch):
     return Puppet.install(monkeypatch)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
 
 
 def test_the_infra_agent_cannot_issue_refunds_whatever_its_model_says(policy_gate, puppet):

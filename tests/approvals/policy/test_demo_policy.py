@@ -4,14 +4,12 @@ a confirmation before a volume deletion) and the email policy (no other customer
 card numbers). Each demo workflow is run to its end with the real engine and gate."""
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from approvals.policy.models import PolicyEvaluation
-from approvals.policy.seed import policy_seed
-from approvals.queue.models import ApprovalRequest, ReviewerTeam
+from approvals.queue.models import ApprovalRequest
 from approvals.queue.services import approval_decide
 from orchestration.demo.models import Booking, Email, InfraChange, Refund
-from orchestration.demo.seed import FIRST_RUNS, demo_data_seed
+from orchestration.demo.seed import FIRST_RUNS
 from orchestration.gate import Action
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Run, Step
@@ -19,21 +17,6 @@ from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
-
-
-@pytest.fixture
-def reviewer():
-    user = get_user_model().objects.create_user("rae")
-    for name in ("finance", "operations"):
-        ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
-    return user
 
 
 def asked(run: Run) -> list[tuple[str, str, str, int]]:

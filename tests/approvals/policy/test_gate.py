@@ -2,36 +2,18 @@
 approval, resume re-evaluated when the policy or the arguments changed."""
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from approvals.policy.models import PolicyEvaluation, Rule
-from approvals.policy.seed import policy_seed
 from approvals.policy.services import policy_publish
-from approvals.queue.models import ApprovalRequest, ReviewerTeam
+from approvals.queue.models import ApprovalRequest
 from approvals.queue.services import approval_decide
 from orchestration.demo.models import Email, Refund
-from orchestration.demo.seed import demo_data_seed
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.models import AuditRecord
 from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
-
-
-@pytest.fixture
-def reviewer():
-    user = get_user_model().objects.create_user("rae")
-    for name in ("finance", "operations"):
-        ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
-    return user
 
 
 def refund(order_id="A-1004", reason="It arrived broken."):

@@ -7,13 +7,11 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 
 from approvals.policy.models import PolicyEvaluation, Rule
-from approvals.policy.seed import policy_seed
 from approvals.policy.services import draft_snapshot, policy_publish
 from approvals.policy.simulate import simulate
 from approvals.queue.models import ApprovalRequest, ReviewerTeam
 from approvals.queue.services import approval_decide
 from orchestration.demo.models import Refund
-from orchestration.demo.seed import demo_data_seed
 from orchestration.registry.models import Agent, Tool
 from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
@@ -23,13 +21,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # amounts 89, 649, 219, 1899, 45: three within the refund policy (allowed, and so is the
 # confirmation to the customer) and two above 500 (the finance rule asks)
 ORDERS = ["A-1001", "A-1002", "A-1003", "A-1004", "A-1005"]
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
 
 
 def refund_runs(agent="refund-bot") -> dict[str, int]:

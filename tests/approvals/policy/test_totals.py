@@ -13,11 +13,9 @@ from django.utils import timezone
 from approvals.policy.aggregates import totals
 from approvals.policy.decide import decide
 from approvals.policy.models import PolicyEvaluation
-from approvals.policy.seed import policy_seed
 from approvals.queue.models import ApprovalRequest, ReviewerTeam
 from approvals.queue.services import approval_decide
 from orchestration.demo.models import Refund
-from orchestration.demo.seed import demo_data_seed
 from orchestration.engine.errors import ActionDenied, ActionRejected
 from orchestration.gate import Action
 from orchestration.registry.declare import workflow
@@ -40,13 +38,6 @@ def split_refund(ctx, order_id: str, amount: float, times: int) -> dict:
         except (ActionDenied, ActionRejected):
             break
     return {"refunds": len(done)}
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
 
 
 @pytest.fixture

@@ -5,19 +5,16 @@ import json
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from approvals.policy.cel import compile_condition
 from approvals.policy.gate import PolicyGate
 from approvals.policy.models import AutonomyThreshold, Grant
-from approvals.policy.seed import policy_seed
 from approvals.policy.services import grant_revoke, policy_publish
 from approvals.policy.similar import similar_condition
-from approvals.queue.models import ApprovalRequest, Decision, ReviewerTeam
+from approvals.queue.models import ApprovalRequest, Decision
 from approvals.queue.services import approval_decide
-from orchestration.demo.seed import demo_data_seed
 from orchestration.gate import Action
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.models import AuditRecord
@@ -27,21 +24,6 @@ from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
-
-
-@pytest.fixture
-def reviewer():
-    user = get_user_model().objects.create_user("rae")
-    for name in ("finance", "operations"):
-        ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
-    return user
 
 
 def new_run(drive_it=True):

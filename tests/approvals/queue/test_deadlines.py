@@ -10,7 +10,6 @@ from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from approvals.policy.models import Rule
-from approvals.policy.seed import policy_seed
 from approvals.policy.services import policy_publish
 from approvals.queue import transitions
 from approvals.queue.deadlines import requests_sweep
@@ -20,7 +19,6 @@ from approvals.roles import REVIEWER
 from approvals.tasks import sweep_requests
 from orchestration.canonical import action_hash
 from orchestration.demo.models import Refund
-from orchestration.demo.seed import demo_data_seed
 from orchestration.ledger.chain import ledger_verify
 from orchestration.ledger.models import AuditRecord
 from orchestration.runs.models import Run
@@ -28,13 +26,6 @@ from orchestration.runs.services import run_start
 from tests.orchestration.engine.conftest import drive
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-    demo_data_seed()
-    policy_seed()
 
 
 @pytest.fixture
