@@ -168,6 +168,7 @@ def build_context(
             "boundaries": list((run.intent or {}).get("boundaries", [])),
             "labels": sorted(set(action.labels) | taint.touched | taint.carried),
             "data_subject": taint.data_subject,
+            "data_subjects": list(taint.data_subjects),
             "cost_usd": float(run.cost_usd),
             "steps": run.steps,
         },

@@ -211,7 +211,8 @@ def _diff(request: ApprovalRequest) -> dict | None:
 
 def _request_fields(action: Action, run: Run, decision: Decision) -> dict:
     """A request for an ask: the action under review with the decision's obligations, and what
-    the approval will be bound to (the verdict's rules, policy version, labels and totals)."""
+    the approval will be bound to (the verdict's rules, policy version, labels, totals and whose
+    data the run read)."""
     obligations = decision.obligations or {}
     return {
         "run_id": run.pk,
@@ -232,6 +233,7 @@ def _request_fields(action: Action, run: Run, decision: Decision) -> dict:
             "policy_version": decision.policy_version,
             "labels": _labels(decision),
             "totals": (decision.input or {}).get("totals"),
+            "data_subjects": ((decision.input or {}).get("run") or {}).get("data_subjects", []),
         },
         "obligations": obligations,
         "team": obligations.get("team", ""),

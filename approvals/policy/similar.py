@@ -43,13 +43,15 @@ def similar_condition(
     labels: list[str],
     score: int,
     totals: dict[str, Any] | None = None,
+    data_subjects: list[str] | None = None,
 ) -> str:
     """A CEL constraint from an approved action: each top-level scalar argument except free text
     (strings and booleans equal, numbers at most the approved value); each summed total of the
     approved action (``totals``, e.g. the order's refunds with it) at most its approved value,
     so a grant never covers an action that takes a total past what the reviewer approved; the
     labels the action carries and the run has touched within the approved action's ``labels``;
-    the risk at most its ``score``."""
+    whose personal data the run has read within the approved action's ``data_subjects`` (a
+    grant for Dana's data never sends Fatima's); the risk at most its ``score``."""
     clauses = []
     for name in sorted(args):
         value = args[name]
@@ -70,6 +72,9 @@ def similar_condition(
     known = json.dumps(sorted(set(labels)), ensure_ascii=False)
     clauses.append(f"action.labels.all(label, label in {known})")
     clauses.append(f"run.labels.all(label, label in {known})")
+    if data_subjects is not None:
+        whose = json.dumps(sorted(set(data_subjects)), ensure_ascii=False)
+        clauses.append(f"run.data_subjects.all(subject, subject in {whose})")
     clauses.append(f"risk.score <= {int(score)}")
     return " && ".join(clauses)
 

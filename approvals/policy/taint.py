@@ -59,6 +59,7 @@ class Taint:
     touched: frozenset[str]  # the labels of every labelled step of the run
     carried: frozenset[str]  # the labels the arguments carry by value
     data_subject: str  # whose personal data the run read: one address, lower case, or ""
+    data_subjects: tuple[str, ...] = ()  # everyone's it read ("" for someone not known)
 
 
 def normal(text: str) -> str:
@@ -177,5 +178,6 @@ def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None)
         fresh = hay and not set(labels) <= carried
         if fresh and any(found(normal(text), hay) for text in strings(output)):
             carried.update(labels)
-    only = subjects.pop() if len(subjects) == 1 else None
-    return Taint(frozenset(touched), frozenset(carried), only or "")
+    everyone = tuple(sorted(subject or "" for subject in subjects))
+    only = next(iter(subjects)) if len(subjects) == 1 else None
+    return Taint(frozenset(touched), frozenset(carried), only or "", everyone)

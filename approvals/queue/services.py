@@ -157,6 +157,7 @@ def _allow_similar(locked: ApprovalRequest, scope: str, reviewer, now):
             labels=locked.verdict.get("labels", []),
             score=locked.risk_score,
             totals=locked.verdict.get("totals"),
+            data_subjects=locked.verdict.get("data_subjects"),
         ),
         run_id=run.pk if scope == "run" else None,
         expires_at=now + SIMILAR_HOUR if scope == "hour" else None,

@@ -292,7 +292,7 @@ def test_validation_only_ever_raises_condition_errors_inside_the_source(source):
         ("totals.order.count > 1", "totals.order is not a field of totals", "order"),
         ("totals.target.cnt > 1", "totals.target.cnt is not a field of totals.target", "cnt"),
         ("totals.run.sum.amount.cents > 1", "totals.run.sum.amount is a double", "cents"),
-        ("run.data_subjects == 'x'", "run.data_subjects is not a field of run", "data_subjects"),
+        ("run.data_subjekt == 'x'", "run.data_subjekt is not a field of run", "data_subjekt"),
     ],
 )
 def test_typos_are_refused_with_position_and_suggestion(source, message, at):

@@ -89,6 +89,7 @@ def test_allow_similar_for_the_run_approves_similar_actions_of_that_run(policy_g
         " && totals.target.sum.amount <= 1899.0"
         ' && action.labels.all(label, label in ["pii", "untrusted_input"])'
         ' && run.labels.all(label, label in ["pii", "untrusted_input"])'
+        ' && run.data_subjects.all(subject, subject in ["fatima@example.com"])'
         f" && risk.score <= {request.risk_score}"
     )
     decided = AuditRecord.objects.get(approval_id=request.pk, verb="approval.decided")
@@ -284,3 +285,47 @@ def test_the_grant_goes_to_the_agent_that_proposed_the_action_not_the_runs(polic
     ApprovalRequest.objects.filter(pk=request.pk).update(agent="travel-agent")
     approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
     assert Grant.objects.get(source="reviewer").agent.name == "travel-agent"
+
+
+def lookup_of(run_id: int, seq: int, order_id: str) -> dict:
+    """A completed orders.lookup step, as the engine records it: personal data (pii) about the
+    order's customer."""
+    from orchestration.demo.models import Order
+
+    order = Order.objects.get(order_id=order_id)
+    output = {
+        "order_id": order_id,
+        "customer_name": order.customer_name,
+        "customer_email": order.customer_email,
+    }
+    Step.objects.create(
+        run_id=run_id, seq=seq, kind="tool", name="orders.lookup", status="completed",
+        output=output, labels=["pii"], idempotency_key=f"{run_id}-{seq}",
+    )  # fmt: skip
+    return output
+
+
+def test_a_grant_for_one_customers_data_never_sends_another_customers(policy_gate, reviewer):
+    """Hole 6, one step aside: an email to a partner carrying Dana's data, approved and allowed
+    similar for the run, does not approve the same email once the run has read Fatima's."""
+    run = new_run(drive_it=False)
+    dana = lookup_of(run.pk, 1, "A-1002")
+
+    def email(seq: int, customer: dict):
+        args = {
+            "to": "partner@hotel.example",
+            "subject": "Guest details",
+            "body": f"Please welcome {customer['customer_name']}.",
+        }
+        action = Action(tool="email.send", args=args, run_id=run.pk, step_seq=seq)
+        return PolicyGate().review(action, run_id=run.pk, step_seq=seq)
+
+    assert email(2, dana).outcome == "pending"
+    request = ApprovalRequest.objects.get(run_id=run.pk, step_seq=2)
+    assert request.verdict["data_subjects"] == [dana["customer_email"]]
+    approval_decide(request=request, reviewer=reviewer, verdict="approve", allow_similar="run")
+    assert email(3, dana).outcome == "approved"  # the grant covers Dana's data
+
+    fatima = lookup_of(run.pk, 4, "A-1004")
+    assert email(5, fatima).outcome == "pending"  # not Fatima's: a reviewer again
+    assert Grant.objects.get(source="reviewer").uses == 1
