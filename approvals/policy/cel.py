@@ -31,6 +31,7 @@ CONTEXT_FIELDS: dict[str, Any] = {
               "record": {"actions": "int", "reject_rate": "double", "error_rate": "double"}},
     "run": {"id": "int", "workflow": "string", "intent": {"goal": "string", "constraints": "list"},
             "boundaries": "list", "labels": "list", "cost_usd": "double", "steps": "int",
+            "answers": "list",
             "data_subject": "string", "data_subjects": "list"},
     "totals": {"run": _TOTALS, "agent": _TOTALS, "target": _TOTALS},
     "risk": {"score": "int", "factors": "list"},

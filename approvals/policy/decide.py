@@ -116,6 +116,20 @@ def _agent_context(agent: Agent | None, name: str | None) -> dict[str, Any]:
     }
 
 
+def run_answers(run: Run) -> list[str]:
+    """The answers reviewers gave to the questions of the run and of its parent (a customer's
+    pick), oldest first and canonical like arguments, so ``args.hotel in run.answers`` compares
+    like with like. One indexed query; ancestors above the parent are not read."""
+    from approvals.queue.models import ApprovalRequest, RequestKind, RequestStatus
+
+    answers = ApprovalRequest.objects.filter(
+        run_id__in=[run.pk] if run.parent_id is None else [run.pk, run.parent_id],
+        kind=RequestKind.QUESTION,
+        status=RequestStatus.APPROVED,
+    ).order_by("id")
+    return canonical_args({"answers": list(answers.values_list("answer", flat=True))})["answers"]
+
+
 def build_context(
     action: Action, run: Run, policy: CompiledPolicy, *, agent: Agent | None = None
 ) -> dict[str, Any]:
@@ -171,6 +185,7 @@ def build_context(
             "data_subjects": list(taint.data_subjects),
             "cost_usd": float(run.cost_usd),
             "steps": run.steps,
+            "answers": run_answers(run),
         },
         "now": timezone.now().isoformat(),
     }

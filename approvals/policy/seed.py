@@ -2,8 +2,9 @@
 refunds above 500 EUR for an order (or a run) in total go to finance (the refund policy); schema
 migrations need a second engineer and a volume deletion is confirmed first (the runbook);
 customer data goes out only to the customer it is about, card numbers never (the email policy);
-secrets never leave (a run that read one sends no email); a booking beyond two weeks, or a second
-one in a run, is checked. Everything else within those lines runs on its own. Idempotent."""
+secrets never leave (a run that read one sends no email); a booking the customer did not pick
+from a shortlist, beyond two weeks, or a second one in a run, is checked (the travel policy).
+Everything else within those lines runs on its own. Idempotent."""
 
 from django.db import transaction
 
@@ -125,6 +126,18 @@ RULES = [
         on_expiry="deny",
         message="The runbook: deleting a volume is irreversible; confirm it is detached, its "
         "snapshots are verified and backups are older than 90 days.",
+    ),
+    dict(
+        name="Bookings the customer did not pick need a reviewer",
+        tool_patterns=["travel.book"],
+        outcome="ask",
+        priority=40,
+        condition="!(args.hotel in run.answers)",
+        deadline_minutes=60,
+        message="The customer did not pick this hotel from a shortlist (an agent chose it): "
+        "check it is what the guest asked for, for them, within their budget.",
+        description="The travel policy: book what the customer picked from the shortlist; a "
+        "booking the customer did not pick needs a reviewer's approval.",
     ),
     dict(
         name="Long or repeated bookings need a reviewer",

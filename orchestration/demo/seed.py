@@ -52,6 +52,14 @@ DOCUMENTS = [
         "engineer's approval.\n\nVolumes holding backups must be kept 90 days. Deleting a "
         "volume is irreversible; confirm it is detached and its snapshots are verified first.",
     ),
+    (
+        "policies",
+        "Travel policy",
+        "Book the hotel the customer picked from the shortlist we sent them, for the guest who "
+        "asked, within their nightly budget. A booking the customer did not pick needs a "
+        "reviewer's approval first, and so does a stay longer than 14 nights or a second "
+        "booking for one request.",
+    ),
 ]
 
 AGENTS = [

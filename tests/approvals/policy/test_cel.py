@@ -356,6 +356,22 @@ def test_fields_of_other_tools_are_unknown_when_only_one_is_in_scope():
     validate_condition("size(args) == 0", context=CONTEXT_FIELDS, args_schemas=[])
 
 
+def test_the_runs_answers_are_a_list_of_strings_rules_may_read():
+    """``run.answers`` (the answers to the run's questions, e.g. the customer's pick) validates
+    and evaluates; a misspelt field is refused with the right name suggested."""
+    HOTEL = {"type": "object", "properties": {"hotel": {"type": "string"}}}
+    source = "!(args.hotel in run.answers)"
+    validate_condition(source, context=CONTEXT_FIELDS, args_schemas=[HOTEL])
+    validate_condition("size(run.answers) > 0", context=CONTEXT_FIELDS, args_schemas=[HOTEL])
+    typo = "!(args.hotel in run.answer)"
+    error = refused(typo, [HOTEL])
+    assert error.message == "run.answer is not a field of run (did you mean run.answers?)"
+    assert typo[error.position :] == "answer)"
+    picked = {"args": {"hotel": "Hotel Sol"}, "run": {"answers": ["Hotel Sol"]}}
+    assert not evaluate(compile_condition(source), picked)
+    assert evaluate(compile_condition(source), {**picked, "run": {"answers": ["Casa Mar"]}})
+
+
 def test_dry_run_refuses_type_errors_and_non_bool_results():
     error = refused("args.to > 5", [EMAIL])  # to is a string
     assert error.position == 0
