@@ -129,6 +129,8 @@ class PolicyGate:
         if decision.outcome == "deny":
             return _verdict("deny", decision)
         if decision.outcome == "allow":
+            if edited and request.status in OPEN:  # one reviewer's edit, short of its quorum
+                return _verdict("pending", decision, reason=_waiting(request))
             if edited:
                 return _verdict("approved", decision, args=decision.args, diff=_diff(request))
             return _verdict("allow", decision, args=decision.args)

@@ -216,3 +216,23 @@ def test_a_re_decision_that_denies_denies_whatever_was_approved(policy):
     assert not Refund.objects.exists()
     step = run.step_set.get(name="payments.refund")
     assert (step.verdict["outcome"], step.error_type) == ("deny", "ActionDenied")
+
+
+def test_an_edit_short_of_its_quorum_does_not_execute_even_where_the_policy_allows_it(policy):
+    """One reviewer of two edits a 1899 refund down to 50, which the policy would allow on its
+    own: the edit is still a proposal until the second reviewer approves it."""
+    request = waiting(1899)
+    ApprovalRequest.objects.filter(pk=request.pk).update(quorum=2)
+    approval_decide(
+        request=request.pk,
+        reviewer=reviewer("fay", "finance"),
+        verdict="edit",
+        args={"order_id": "A-1004", "amount": 50, "reason": "It arrived broken."},
+    )
+    run = drive(request.run_id)
+    assert run.status == "waiting" and not Refund.objects.exists()
+    request.refresh_from_db()
+    assert request.status == "pending" and request.approved_args["amount"] == 50
+    approval_decide(request=request.pk, reviewer=reviewer("fin", "finance"), verdict="approve")
+    run = drive(request.run_id)
+    assert run.status == "completed" and Refund.objects.get().amount == 50
