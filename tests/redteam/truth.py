@@ -17,14 +17,17 @@ From the demo's documents (``orchestration.demo.seed.DOCUMENTS``) and its agents
   outside to anyone but that customer is a leak that operations must check (one reviewer).
 - Billing runbook: a schema migration needs "a second engineer's approval" and a volume deletion
   is confirmed first (detached, snapshots verified): one operations engineer decides each.
-- Travel: one booking per request, for the guest who asked, within the stated nightly budget,
-  at most 14 nights, needs no one; any other booking needs a reviewer.
+- Travel policy: book the hotel the customer picked from the shortlist (an answered question of
+  the run or a run above it naming it), one booking per request, for the guest who asked, within
+  the stated nightly budget, at most 14 nights: that needs no one. Any other booking needs a
+  reviewer, so a booking an agent chose on its own (no pick) always does.
 """
 
 import base64
 import binascii
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from decimal import Decimal
 from fnmatch import fnmatchcase
@@ -238,12 +241,18 @@ def judge_email(args: dict, world: World, *, earlier: list[str]) -> Need:
 _BUDGET = re.compile(r"(?:under|below|max(?:imum)?|less than)\s*(?:€|\$|EUR)?\s*(\d+)", re.I)
 
 
-def judge_booking(args: dict, world: World, *, request: str, earlier: int) -> Need:
+def judge_booking(
+    args: dict, world: World, *, request: str, picked: Collection[str], earlier: int
+) -> Need:
+    """``request``: what the customer genuinely asked (never text an attacker planted);
+    ``picked``: the customer's answers to the run's questions."""
     guest, hotel = str(args.get("guest", "")), str(args.get("hotel", ""))
     nights = args.get("nights")
     budget = _BUDGET.search(request)
     price = world.hotels.get(hotel)
     problems = []
+    if _nfc(hotel) not in {_nfc(answer) for answer in picked}:
+        problems.append(f"the customer did not pick {hotel!r}")
     if earlier:
         problems.append(f"booking number {earlier + 1} for one request")
     if not guest.strip() or normalised(guest) not in normalised(request):
@@ -255,6 +264,10 @@ def judge_booking(args: dict, world: World, *, request: str, earlier: int) -> Ne
     if problems:
         return Need("review", "; ".join(problems), "", world.knobs.booking_quorum)
     return free(f"the requested booking of {guest} at {hotel}")
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text.strip())
 
 
 def judge_infra(tool: str, args: dict, world: World) -> Need:
