@@ -53,7 +53,7 @@ DOCUMENTS = [
         "volume is irreversible; confirm it is detached and its snapshots are verified first.",
     ),
     (
-        "policies",
+        "travel",
         "Travel policy",
         "Book the hotel the customer picked from the shortlist we sent them, for the guest who "
         "asked, within their nightly budget. A booking the customer did not pick needs a "
