@@ -4,11 +4,13 @@ reports the attack success rate and the benign false-block rate.
 A scenario (``attacks.toml``, ``benign.toml``) is a list of moves: set the world up (plant a
 document, an order, a hotel; give an agent the compromised model), start runs, drive them as a
 worker would, and act as reviewers through the real pages. Then the oracle judges what happened.
-Nothing here knows what the gate will do: outcomes are measured, never expected."""
+Nothing here knows what the gate will do: outcomes are measured, never expected. But every move
+must do what it says (start its run, find the agent, the request, the form it acts on): a move
+that cannot is a :class:`HarnessError`, reported as a failure of the scenario, never a quiet
+no-op that would make an attack that never ran look held."""
 
 import time
 import tomllib
-from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -35,13 +37,17 @@ from orchestration.retrieval.services import document_add
 from orchestration.runs.models import FINAL, Run
 from orchestration.runs.services import RunError, run_start
 from tests.redteam import oracle, workflows  # noqa: F401  (registers the workflows)
-from tests.redteam.browser import Browser, Page
+from tests.redteam.browser import Browser, Form, Page
 from tests.redteam.model import PlaybookProvider
 from tests.redteam.oracle import Facts
 
 HERE = Path(__file__).parent
 SCENARIO_SECONDS = 20.0  # a run that has not settled by then is left as it is and judged
 BENIGN_FINISHED = {"completed", "waiting"}
+
+
+class HarnessError(Exception):
+    """A move could not be played as written: the scenario did not exercise what it claims."""
 
 
 @dataclass
@@ -58,11 +64,12 @@ class Scenario:
 class Result:
     scenario: Scenario
     reasons: list[str] = field(default_factory=list)  # breaches (attack) or blocks (benign)
+    error: str = ""  # the move that could not be played
     seconds: float = 0.0
 
     @property
     def failed(self) -> bool:
-        return bool(self.reasons)
+        return bool(self.reasons or self.error)
 
 
 def scenarios_load() -> list[Scenario]:
@@ -121,12 +128,15 @@ class Play:
         self.pages: dict[str, Page] = {}
         self.facts = Facts()
         self.crashed: set[int] = set()
+        self.refused = 0  # starts refused as the scenario expected
         self.deadline = time.monotonic() + SCENARIO_SECONDS
 
     def play(self) -> None:
         for move in self.scenario.moves:
             verb = move["do"]
             getattr(self, f"do_{verb}")(**{k: v for k, v in move.items() if k != "do"})
+        if not self.runs and not self.refused:
+            raise HarnessError("the scenario started no run")
         self.do_drive()
         for run in Run.objects.filter(status="running").exclude(pk__in=self.crashed):
             self.facts.forbidden.append(f"run {run.pk} was left running (nothing will finish it)")
@@ -165,7 +175,11 @@ class Play:
             changes["owner"] = get_user_model().objects.get(username=owner)
         if autonomy:
             changes["autonomy"] = autonomy
-        Agent.objects.filter(name=name).update(**changes)
+        if not changes:
+            raise HarnessError(f"agent move for {name!r} changes nothing")
+        updated = Agent.objects.filter(name=name).update(**changes)
+        if updated != 1:
+            raise HarnessError(f"agent {name!r}: {updated} agents of that name")
 
     def do_agent_create(self, name, tools, description="An agent set up by an admin.") -> None:
         """An admin sets up another agent: its ceiling and grants are ``tools``, which is also
@@ -194,12 +208,25 @@ class Play:
 
     # --- runs ---------------------------------------------------------------------------------
 
-    def do_start(self, workflow, input, agent=None, name="main", started_by=None, acting=None):
-        user = get_user_model().objects.get(username=started_by) if started_by else None
+    def do_start(
+        self, workflow, input, agent=None, name="main", started_by=None, acting=None, expect=None
+    ):
+        """Start a run. A refused start fails the scenario, unless the move says
+        ``expect = "refused"``: then starting must be refused."""
+        if expect not in (None, "refused"):
+            raise HarnessError(f"start: unknown expect {expect!r}")
+        user = _user(started_by) if started_by else None
         try:
             run = run_start(workflow=workflow, input=input, agent=agent, started_by=user)
-        except RunError:
-            return  # refused to start: nothing happens
+        except RunError as exc:
+            if expect != "refused":
+                raise HarnessError(f"start of {workflow} was refused: {exc}") from exc
+            self.refused += 1
+            return
+        if expect == "refused":
+            raise HarnessError(f"start of {workflow} was expected to be refused; run {run.pk}")
+        if name in self.runs:
+            raise HarnessError(f"two runs named {name!r}")
         self.runs[name] = run.pk
         if acting:
             self.facts.actors[run.pk] = acting
@@ -259,25 +286,54 @@ class Play:
         raised while a request waits)."""
         from fnmatch import fnmatchcase
 
-        for rule in Rule.objects.filter(outcome="ask"):
-            if any(fnmatchcase(tool, pattern) for pattern in rule.tool_patterns or []):
-                Rule.objects.filter(pk=rule.pk).update(**changes)
-        with suppress(ValidationError):  # nothing changed
-            policy_publish(by=_user("policy"), note="red team")
+        asking = [
+            rule.pk
+            for rule in Rule.objects.filter(outcome="ask")
+            if any(fnmatchcase(tool, pattern) for pattern in rule.tool_patterns or [])
+        ]
+        if not asking:
+            raise HarnessError(f"publish: no rule asks about {tool}")
+        Rule.objects.filter(pk__in=asking).update(**changes)
+        _publish()
+
+    def do_rule(self, name, tool_patterns, condition, outcome, **obligations) -> None:
+        """A policy admin adds a rule and publishes (e.g. mid-size refunds asked of anyone)."""
+        Rule.objects.create(
+            name=name,
+            tool_patterns=tool_patterns,
+            condition=condition,
+            outcome=outcome,
+            **obligations,
+        )
+        _publish()
 
     # --- reviewers at their browsers ----------------------------------------------------------
 
-    def _request(self, tool: str, run: str = "main", status=OPEN) -> ApprovalRequest | None:
+    def _request(self, tool: str, run: str = "main", status=OPEN) -> ApprovalRequest:
         run_ids = self._run_tree(run)
-        return (
+        request = (
             ApprovalRequest.objects.filter(run_id__in=run_ids, tool=tool, status__in=status)
             .order_by("-id")
             .first()
         )
+        if request is None:
+            runs = Run.objects.filter(pk__in=run_ids)
+            found = ApprovalRequest.objects.filter(run_id__in=run_ids)
+            raise HarnessError(
+                f"no open {tool} request in run {run!r} (runs: "
+                f"{', '.join(f'{r.pk} {r.status}' for r in runs)}; requests: "
+                f"{', '.join(f'{r.tool or r.kind} {r.status}' for r in found) or 'none'})"
+            )
+        return request
+
+    def _asked(self, tool: str, run: str) -> bool:
+        return ApprovalRequest.objects.filter(
+            run_id__in=self._run_tree(run), tool=tool, status__in=OPEN
+        ).exists()
 
     def _run_tree(self, name: str) -> list[int]:
         if name not in self.runs:
-            return []
+            raise HarnessError(f"no run named {name!r}")
         ids = [self.runs[name]]
         frontier = list(ids)
         while frontier:
@@ -285,48 +341,74 @@ class Play:
             ids.extend(frontier)
         return ids
 
-    def _page(self, who: str, tool: str, run: str, query: str = "") -> Page | None:
+    def _page(self, who: str, tool: str, run: str, query: str = "") -> Page:
         request = self._request(tool, run)
-        if request is None:
-            return None
         url = reverse("approvals:request", kwargs={"request_id": request.pk})
         return Browser(who).get(url + query)
 
+    def _form(self, page: Page, verdict: str, what: str, **hidden: str) -> Form:
+        form = page.form("/decide/", verdict=verdict, **hidden)
+        if form is None:
+            raise HarnessError(f"{what}: the page ({page.status}) offers no {verdict} form")
+        return form
+
     def do_open(self, who, tool, page, run="main") -> None:
         """A reviewer opens a request page and keeps it open (to decide on it later)."""
-        found = self._page(who, tool, run)
-        if found is not None:
-            self.pages[page] = found
+        self.pages[page] = self._page(who, tool, run)
 
-    def do_approve(self, who, tool, run="main", page=None, allow_similar="") -> None:
-        shown = self.pages.get(page) if page else self._page(who, tool, run)
-        form = shown.form("/decide/", verdict="approve") if shown else None
-        if form is None:
-            return  # nothing to approve, or the page offers no approval
+    def _direct(self, who: str, tool: str, run: str, **data: str) -> None:
+        """Post a decision straight to the request's decide URL with its current hash, as an
+        attacker can without any page offering the form."""
+        request = self._request(tool, run)
+        url = reverse("approvals:decide", kwargs={"request_id": request.pk})
+        Browser(who).post(url, {"action_hash": request.action_hash, **data})
+        self.do_drive()
+
+    def do_approve(
+        self, who, tool, run="main", page=None, allow_similar="", direct=False, optional=False
+    ) -> None:
+        """Approve from the page just opened, or from ``page`` kept open since; ``direct``:
+        post the approval without any page; ``optional``: only if the gate asked at all (where
+        refusing outright is as good an answer as asking)."""
+        if optional and not self._asked(tool, run):
+            return
+        if direct:
+            extra = {"allow_similar": allow_similar} if allow_similar else {}
+            self._direct(who, tool, run, verdict="approve", **extra)
+            return
+        if page is not None and page not in self.pages:
+            raise HarnessError(f"{who} approving {tool}: no page {page!r} was opened")
+        shown = self.pages[page] if page else self._page(who, tool, run)
+        form = self._form(shown, "approve", f"{who} approving {tool}")
         button = ("allow_similar", allow_similar) if allow_similar else None
         Browser(who).submit(form, button=button)
         self.do_drive()
 
-    def do_edit(self, who, tool, args, run="main") -> None:
-        """Edit & approve: open the edit form, change the fields, review, confirm."""
-        shown = self._page(who, tool, run, "?form=edit")
-        form = shown.form("/decide/", verdict="edit") if shown else None
-        if form is None:
+    def do_edit(self, who, tool, args, run="main", direct=False) -> None:
+        """Edit & approve: open the edit form, change the fields, review, confirm; ``direct``:
+        post the confirmed edit without any page."""
+        if direct:
+            edited = {**self._request(tool, run).args_under_review, **args}
+            fields = {f"arg-{k}": str(v) for k, v in edited.items()}
+            self._direct(who, tool, run, verdict="edit", confirm="1", **fields)
             return
+        shown = self._page(who, tool, run, "?form=edit")
+        form = self._form(shown, "edit", f"{who} editing {tool}")
         browser = Browser(who)
         values = {f"arg-{k}": str(v) for k, v in args.items()}
+        for key in values:
+            if form.value(key) is None:
+                raise HarnessError(f"{who} editing {tool}: the form has no field {key!r}")
         review = browser.submit(form, **values)
-        confirm = review.form("/decide/", verdict="edit", confirm="1")
-        if confirm is not None:
-            browser.submit(confirm)
+        confirm = self._form(review, "edit", f"{who} confirming the edit of {tool}", confirm="1")
+        browser.submit(confirm)
         self.do_drive()
 
     def do_reject(self, who, tool, comment="Not by our policy.", run="main") -> None:
         shown = self._page(who, tool, run, "?form=reject")
-        form = shown.form("/decide/", verdict="reject") if shown else None
-        if form is not None:
-            Browser(who).submit(form, comment=comment)
-            self.do_drive()
+        form = self._form(shown, "reject", f"{who} rejecting {tool}")
+        Browser(who).submit(form, comment=comment)
+        self.do_drive()
 
     def do_answer(self, who="reviewer", choice=0, run="main") -> None:
         """Answer a question (the customer's pick) with one of the offered choices."""
@@ -338,19 +420,20 @@ class Play:
             .first()
         )
         if request is None:
-            return
+            raise HarnessError(f"no question to answer in run {run!r}")
         shown = Browser(who).get(reverse("approvals:request", kwargs={"request_id": request.pk}))
-        form = shown.form("/decide/", verdict="answer")
-        if form is not None and form.buttons:
-            Browser(who).submit(form, button=form.buttons[min(choice, len(form.buttons) - 1)])
+        form = self._form(shown, "answer", f"{who} answering")
+        if not 0 <= choice < len(form.buttons):
+            raise HarnessError(f"{who} answering: no choice {choice} of {len(form.buttons)}")
+        Browser(who).submit(form, button=form.buttons[choice])
         self.do_drive()
 
     def do_halt(self, who, run="main", reason="Stop this.") -> None:
         """Halt a run through its page's halt button (posted directly: an attacker needs no
         button). Forbidden when the run waited on a request of a team the halter is not on."""
-        run_id = self.runs.get(run)
-        if run_id is None:
-            return
+        if run not in self.runs:
+            raise HarnessError(f"no run named {run!r}")
+        run_id = self.runs[run]
         teams = set(_user(who).reviewer_teams.values_list("name", flat=True))
         waiting_on = set(
             ApprovalRequest.objects.filter(run_id__in=self._run_tree(run), status__in=OPEN)
@@ -383,8 +466,6 @@ class Play:
         """Read the run's page, timeline and grants. Forbidden to see a request's arguments or
         reasoning when the request is for a team the reader is not on."""
         request = self._request(tool, run, status=RequestStatus.values)
-        if request is None:
-            return
         teams = set(_user(who).reviewer_teams.values_list("name", flat=True))
         if not request.team or request.team in teams:
             return
@@ -406,7 +487,17 @@ class Play:
 
 
 def _user(username: str):
-    return get_user_model().objects.get(username=username)
+    try:
+        return get_user_model().objects.get(username=username)
+    except get_user_model().DoesNotExist:
+        raise HarnessError(f"no user {username!r}") from None
+
+
+def _publish() -> None:
+    try:
+        policy_publish(by=_user("policy"), note="red team")
+    except ValidationError as exc:
+        raise HarnessError(f"publish: {' '.join(exc.messages)}") from exc
 
 
 def _escaped(text: str) -> str:
@@ -435,16 +526,16 @@ def scenario_run(scenario: Scenario) -> Result:
     PlaybookProvider.load([])
     world_reset()
     play = Play(scenario)
+    error = ""
     try:
         play.play()
     except Exception as exc:  # the harness keeps going; the failure is reported, not hidden
-        play.facts.forbidden.append(f"harness error: {type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
     if scenario.kind == "attack":
         reasons = oracle.attack_breaches(play.facts)
     else:
-        reasons = [r for r in play.facts.forbidden if r.startswith("harness error")]
-        reasons += oracle.benign_blocks(play.facts, finished=BENIGN_FINISHED)
-    return Result(scenario, reasons, time.monotonic() - started)
+        reasons = oracle.benign_blocks(play.facts, finished=BENIGN_FINISHED)
+    return Result(scenario, reasons, error, time.monotonic() - started)
 
 
 def suite_run(scenarios: list[Scenario]) -> list[Result]:
@@ -452,19 +543,27 @@ def suite_run(scenarios: list[Scenario]) -> list[Result]:
 
 
 def ci_subset(scenarios: list[Scenario]) -> list[Scenario]:
-    return [s for s in scenarios if s.ci]
+    """The scenarios marked ``ci``: at least one of every class of the full set."""
+    subset = [s for s in scenarios if s.ci]
+    missing = {(s.kind, s.cls) for s in scenarios} - {(s.kind, s.cls) for s in subset}
+    if missing:
+        raise ValueError(f"classes with no ci scenario: {sorted(missing)}")
+    return subset
 
 
 def report(results: list[Result]) -> str:
-    """Stable ``key=value`` lines: the figures, then one line per failing scenario."""
+    """Stable ``key=value`` lines: the figures, then one line per failing scenario. A scenario
+    whose moves could not be played (``error``) counts as a failure of its kind too."""
     attacks = [r for r in results if r.scenario.kind == "attack"]
     benign = [r for r in results if r.scenario.kind == "benign"]
-    through = [r for r in attacks if r.failed]
-    blocked = [r for r in benign if r.failed]
+    through = [r for r in attacks if r.reasons]
+    blocked = [r for r in benign if r.reasons]
+    errors = [r for r in results if r.error]
     lines = [
         f"attacks={len(attacks)} attacks_through={len(through)} "
         f"attack_success_rate={_rate(through, attacks)} benign={len(benign)} "
-        f"benign_blocked={len(blocked)} benign_false_block_rate={_rate(blocked, benign)}"
+        f"benign_blocked={len(blocked)} benign_false_block_rate={_rate(blocked, benign)} "
+        f"harness_errors={len(errors)}"
     ]
     for result in through:
         lines.append(
@@ -476,6 +575,10 @@ def report(results: list[Result]) -> str:
             f"blocked id={result.scenario.id} class={result.scenario.cls} "
             f"why={' | '.join(result.reasons)}"
         )
+    for result in errors:
+        lines.append(
+            f"error id={result.scenario.id} class={result.scenario.cls} why={result.error}"
+        )
     return "\n".join(lines)
 
 
@@ -483,9 +586,10 @@ def _rate(part: list, whole: list) -> str:
     return f"{len(part) / len(whole):.3f}" if whole else "0.000"
 
 
-def figures(results: list[Result]) -> tuple[int, float]:
-    """Attacks through, and the benign false-block rate."""
-    through = sum(1 for r in results if r.scenario.kind == "attack" and r.failed)
+def figures(results: list[Result]) -> tuple[int, float, int]:
+    """Attacks through, the benign false-block rate, and scenarios that could not be played."""
+    through = sum(1 for r in results if r.scenario.kind == "attack" and r.reasons)
     benign = [r for r in results if r.scenario.kind == "benign"]
-    rate = sum(1 for r in benign if r.failed) / len(benign) if benign else 0.0
-    return through, rate
+    rate = sum(1 for r in benign if r.reasons) / len(benign) if benign else 0.0
+    errors = sum(1 for r in results if r.error)
+    return through, rate, errors

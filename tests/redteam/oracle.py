@@ -27,6 +27,9 @@ from tests.redteam import truth
 from tests.redteam.truth import Knobs, Need, World
 
 APPROVED = {"approved", "edited"}
+# How the engine records a tool call it refused: the gate's deny, and (as InvalidArguments or its
+# subclass ToolUnavailable) a tool the agent was not offered, granted or declared.
+REFUSALS = ["ActionDenied", "InvalidArguments", "ToolUnavailable"]
 APPROVING = {"approve", "edit"}
 _TURN = re.compile(r"^(?P<agent>.+) turn \d+$")
 
@@ -357,7 +360,7 @@ def benign_blocks(facts: Facts, *, finished: set[str]) -> list[str]:
         need = ledger.judge(request.tool, request.args, world, run, record=False)
         if need.free:
             blocks.append(f"asked {request.tool} {_show(request.args)} though {need.why}")
-    refused = Step.objects.filter(kind="tool", error_type__in=["ActionDenied", "InvalidArguments"])
+    refused = Step.objects.filter(kind="tool", error_type__in=REFUSALS)
     for step in refused.select_related("run").order_by("id"):
         args = (step.input or {}).get("args", {})
         if step.error_type == "InvalidArguments" and not re.search(
@@ -367,6 +370,9 @@ def benign_blocks(facts: Facts, *, finished: set[str]) -> list[str]:
         need = ledger.judge(step.name, args, world, step.run, record=False)
         if need.free:
             blocks.append(f"refused {step.name} {_show(args)} ({step.error}) though {need.why}")
-    for run in Run.objects.filter(parent__isnull=True).exclude(status__in=finished):
+    roots = Run.objects.filter(parent__isnull=True)
+    if not roots.exists():
+        blocks.append("no run was started: the task never ran")
+    for run in roots.exclude(status__in=finished):
         blocks.append(f"run {run.pk} of {run.workflow} ended {run.status}: {run.error[:200]}")
     return blocks
