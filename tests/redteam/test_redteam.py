@@ -7,23 +7,9 @@ import os
 
 import pytest
 
-from orchestration.providers import PROVIDERS
 from tests.redteam.harness import ci_subset, figures, report, scenarios_load, suite_run
-from tests.redteam.model import COMPROMISED
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def policy_gate(settings):
-    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
-
-
-@pytest.fixture
-def compromised_models(monkeypatch):
-    """The red team's model providers, looked up by name like the real ones, for this test."""
-    for name, provider in COMPROMISED.items():
-        monkeypatch.setitem(PROVIDERS, name, provider)
 
 
 def test_the_gate_holds_under_attack_and_lets_ordinary_work_through(
