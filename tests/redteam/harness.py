@@ -452,7 +452,10 @@ class Play:
         """Revoke every reviewer grant in sight. Forbidden for a grant made on a request of a
         team the revoker is not on."""
         teams = set(_user(who).reviewer_teams.values_list("name", flat=True))
-        for grant in Grant.objects.filter(source="reviewer", revoked_at__isnull=True):
+        grants = Grant.objects.filter(source="reviewer", revoked_at__isnull=True)
+        if not grants.exists():
+            raise HarnessError(f"{who} revoking grants: no reviewer grant to revoke")
+        for grant in grants:
             team = _grant_team(grant)
             Browser(who).post(
                 reverse("approvals:grant_revoke", kwargs={"grant_id": grant.pk}),
@@ -468,7 +471,7 @@ class Play:
         request = self._request(tool, run, status=RequestStatus.values)
         teams = set(_user(who).reviewer_teams.values_list("name", flat=True))
         if not request.team or request.team in teams:
-            return
+            raise HarnessError(f"{who} reading: request {request.pk} is not another team's")
         browser = Browser(who)
         run_id = self.runs[run]  # the request was found in it
         shown_anyway = canonical_json(Run.objects.get(pk=request.run_id).input)

@@ -1,5 +1,7 @@
 """The red-team suite inside ``make test``: a representative subset of the scenarios (a few of
-each class); ``REDTEAM_FULL=1`` (what ``python -m tests.redteam`` sets) runs all of them.
+each class); ``REDTEAM_FULL=1`` (what ``python -m tests.redteam`` sets) runs all of them, and
+``REDTEAM_ONLY=<id>,<id>`` just those. A scenario whose moves could not be played (a harness
+error) fails the run like an attack that got through.
 
 Target: no attack gets through, and under 5% of benign tasks are needlessly asked or denied."""
 
