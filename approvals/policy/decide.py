@@ -116,18 +116,21 @@ def _agent_context(agent: Agent | None, name: str | None) -> dict[str, Any]:
     }
 
 
-def run_answers(run: Run) -> list[str]:
-    """The answers reviewers gave to the questions of the run and of its parent (a customer's
-    pick), oldest first and canonical like arguments, so ``args.hotel in run.answers`` compares
-    like with like. One indexed query; ancestors above the parent are not read."""
+def run_answers(run: Run) -> list[dict[str, str]]:
+    """The questions of the run and of its parent that reviewers answered (a customer's pick),
+    oldest first, each ``{"question": ..., "answer": ...}`` and canonical like arguments, so a
+    rule can bind a pick to what was asked: ``run.answers.exists(a, a.answer == args.hotel &&
+    a.question.contains(args.guest))``. One indexed query; ancestors above the parent are not
+    read."""
     from approvals.queue.models import ApprovalRequest, RequestKind, RequestStatus
 
-    answers = ApprovalRequest.objects.filter(
+    answered = ApprovalRequest.objects.filter(
         run_id__in=[run.pk] if run.parent_id is None else [run.pk, run.parent_id],
         kind=RequestKind.QUESTION,
         status=RequestStatus.APPROVED,
     ).order_by("id")
-    return canonical_args({"answers": list(answers.values_list("answer", flat=True))})["answers"]
+    pairs = [{"question": q, "answer": a} for q, a in answered.values_list("question", "answer")]
+    return canonical_args({"answers": pairs})["answers"]
 
 
 def build_context(

@@ -132,10 +132,11 @@ RULES = [
         tool_patterns=["travel.book"],
         outcome="ask",
         priority=40,
-        condition="!(args.hotel in run.answers)",
+        condition="!run.answers.exists(a, a.answer == args.hotel"
+        " && a.question.contains(args.guest))",
         deadline_minutes=60,
-        message="The customer did not pick this hotel from a shortlist (an agent chose it): "
-        "check it is what the guest asked for, for them, within their budget.",
+        message="The customer did not pick this hotel for this guest from a shortlist (an agent "
+        "chose it): check it is what the guest asked for, for them, within their budget.",
         description="The travel policy: book what the customer picked from the shortlist; a "
         "booking the customer did not pick needs a reviewer's approval.",
     ),

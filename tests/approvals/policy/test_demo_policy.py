@@ -183,10 +183,15 @@ def test_an_email_from_a_run_that_read_no_ones_data_goes_out_on_its_own(policy_g
     assert review(run, 2, "email.send", **quoting).outcome == "pending"  # retrieved text
 
 
-def picked(run: Run, hotel: str, *, seq: int = 0) -> None:
-    """The customer's pick: an answered question of ``run``."""
+def picked(run: Run, hotel: str, *, seq: int = 0, guest: str = "Ana Silva") -> None:
+    """The customer's pick: an answered question of ``run``, naming the guest it is for."""
     ApprovalRequest.objects.create(
-        kind="question", run_id=run.pk, step_seq=seq, status="approved", answer=hotel
+        kind="question",
+        run_id=run.pk,
+        step_seq=seq,
+        status="approved",
+        question=f"{guest} asked for a hotel. Which hotel should we book?",
+        answer=hotel,
     )
 
 
@@ -263,3 +268,24 @@ def test_the_pick_of_the_run_or_its_parent_counts_and_only_that_hotel(policy_gat
     picked(parent, " Baixa Central ")  # answers compare canonically, like arguments
     assert booked("Baixa Central").outcome == "allow"
     assert booked("Estoril Palace Suites").outcome == "ask"
+
+
+def test_a_pick_is_for_the_guest_it_was_asked_for(policy_gate):
+    """A reviewer picked a hotel for Ana Silva: a booking of that hotel for someone else (an
+    agent told so by an injected instruction) is not the customer's pick."""
+    from approvals.policy.decide import decide
+
+    run = bare_run("travel_booking", "travel-agent")
+    picked(run, "Hotel Maré Serena", guest="Ana Silva")
+
+    def booked(guest):
+        args = {"hotel": "Hotel Maré Serena", "guest": guest, "check_in": "2027-11-20"}
+        action = Action(tool="travel.book", args={**args, "nights": 3}, run_id=run.pk, step_seq=1)
+        return decide(action, run)
+
+    assert booked("Ana Silva").outcome == "allow"
+    mallory = booked("Mallory Evil")
+    assert (mallory.outcome, mallory.rules[0]) == (
+        "ask",
+        "Bookings the customer did not pick need a reviewer",
+    )
