@@ -25,7 +25,7 @@ from approvals.queue.transitions import unmet_obligations
 from orchestration.canonical import args_diff
 from orchestration.gate import Action, Answer, Pending, Question, Verdict
 from orchestration.ledger.chain import ledger_append
-from orchestration.runs.models import Run
+from orchestration.runs.models import Run, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,13 @@ def _verdict(outcome: str, decision: Decision, **extra) -> Verdict:
     )
 
 
-def _record(decision: Decision, action: Action, run: Run) -> None:
-    """The evaluation with its full input, and its ledger record, in one transaction."""
+def _record(decision: Decision, action: Action, run: Run) -> str:
+    """The evaluation with its full input, and its ledger record, in one transaction that locks
+    the run first (the lock order: run, then the ledger's head). Returns the run's status then:
+    a halt that committed before this decision is seen here, one after it waits for it."""
     with transaction.atomic():
+        status = Run.objects.select_for_update().filter(pk=run.pk).values_list("status", flat=True)
+        status = next(iter(status), "")
         PolicyEvaluation.objects.create(
             run_id=run.pk,
             step_seq=action.step_seq,
@@ -88,6 +92,7 @@ def _record(decision: Decision, action: Action, run: Run) -> None:
         )
         if decision.errors:
             _note_rule_errors(decision.errors)
+    return status
 
 
 def _note_rule_errors(errors: list[dict]) -> None:
@@ -125,7 +130,17 @@ class PolicyGate:
         if edited:
             action = replace(action, args=request.approved_args)
         decision = decide(action, run)
-        _record(decision, action, run)
+        if _record(decision, action, run) == RunStatus.HALTED:
+            return Verdict("halted", reason=f"run {run.pk} was halted")
+        try:
+            return self._verdict_on(decision, action=action, run=run, request=request)
+        except transitions.RunHalted as exc:  # halted while the request was being opened
+            return Verdict("halted", reason=str(exc))
+
+    def _verdict_on(
+        self, decision: Decision, *, action: Action, run: Run, request: ApprovalRequest | None
+    ) -> Verdict:
+        edited = request is not None and request.approved_args is not None
         if decision.outcome == "deny":
             return _verdict("deny", decision)
         if decision.outcome == "allow":
@@ -189,7 +204,7 @@ class PolicyGate:
                         choices=list(question.choices),
                         deadline=timezone.now() + timedelta(hours=24),
                     )
-            except transitions.AlreadyOpen:  # another worker asked it first
+            except (transitions.AlreadyOpen, transitions.RunHalted):  # asked first, or halted
                 pass
             return Pending("waiting for an answer")
         if request.status == RequestStatus.APPROVED and request.answer:

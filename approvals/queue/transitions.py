@@ -51,7 +51,7 @@ from approvals.queue.selectors import request_snapshot
 from orchestration.broadcast import broadcast
 from orchestration.canonical import action_hash, args_diff, canonical_json, sha256_hex
 from orchestration.ledger.chain import ledger_append
-from orchestration.runs.models import Run
+from orchestration.runs.models import Run, RunStatus
 
 QUEUE_GROUP = "approvals.queue"
 DEADLINE = "deadline"  # who decides on expiry
@@ -101,8 +101,14 @@ def _in_transaction() -> None:
         raise RuntimeError("Approval transitions run inside the caller's transaction.")
 
 
-def _lock_run(run_id: int) -> None:
-    list(Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True))
+class RunHalted(Exception):
+    """The run was halted: no request opens for it any more."""
+
+
+def _lock_run(run_id: int) -> str:
+    """Lock the run's row; its status (empty if it is gone)."""
+    status = Run.objects.select_for_update().filter(pk=run_id).values_list("status", flat=True)
+    return next(iter(status), "")
 
 
 def lock(request_id: int) -> ApprovalRequest:
@@ -139,7 +145,8 @@ def open_request(*, reason: str = "", **fields: Any) -> ApprovalRequest:
     """In the caller's transaction: a new pending request, with its ledger record. One open
     request per step: the database's constraint refuses a second (``AlreadyOpen``)."""
     _in_transaction()
-    _lock_run(fields["run_id"])
+    if _lock_run(fields["run_id"]) == RunStatus.HALTED:
+        raise RunHalted(f"run {fields['run_id']} is halted")
     try:
         with transaction.atomic():
             request = ApprovalRequest.objects.create(status=RequestStatus.PENDING, **fields)

@@ -81,6 +81,17 @@ def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
     return _finish(ctx, lease, RunStatus.COMPLETED, result=result)
 
 
+def _record_what_ran(ctx: Context) -> None:
+    """In the caller's transaction, on a run halted while this worker advanced it: the finishes
+    of steps that ran still commit (fenced by attempt, so nothing a newer worker did is
+    overwritten); anything the database refuses is dropped, the run being over already."""
+    try:
+        with transaction.atomic():
+            ctx.outbox.apply()
+    except (DatabaseError, LeaseLost):
+        ctx.outbox.clear()
+
+
 def _waiting_note(run: Run) -> str:
     """What a waiting run said it waits for (its last waiting event), to avoid repeating it."""
     if run.status != RunStatus.WAITING:
@@ -131,8 +142,11 @@ def _finish(
     now = timezone.now()
     with transaction.atomic():
         locked = Run.objects.select_for_update().get(pk=run.pk)
+        if locked.status == RunStatus.HALTED:
+            _record_what_ran(ctx)  # a tool that executed before the halt stays on the record
+            return "stopped"
         if locked.lease_owner != lease or locked.is_final:
-            return "stopped"  # halted meanwhile, or another worker took over
+            return "stopped"  # another worker took over
         try:
             with transaction.atomic():  # the last steps' finishes commit with the run's state
                 ctx.outbox.apply()
