@@ -116,12 +116,13 @@ def _agent_context(agent: Agent | None, name: str | None) -> dict[str, Any]:
     }
 
 
-def run_answers(run: Run) -> list[dict[str, str]]:
+def run_answers(run: Run) -> list[dict[str, Any]]:
     """The questions of the run and of its parent that reviewers answered (a customer's pick),
-    oldest first, each ``{"question": ..., "answer": ...}`` and canonical like arguments, so a
-    rule can bind a pick to what was asked: ``run.answers.exists(a, a.answer == args.hotel &&
-    a.question.contains(args.guest))``. One indexed query; ancestors above the parent are not
-    read."""
+    oldest first, each ``{"about": ..., "answer": ...}``: ``about`` is what the workflow's code
+    said the answer decides (``ctx.ask_human(..., about={"guest": ...})``), never text a model
+    wrote, so a rule binds a pick exactly: ``run.answers.exists(a, a.answer == args.hotel &&
+    a.about.guest == args.guest)``. Canonical like arguments. One indexed query; ancestors above
+    the parent are not read."""
     from approvals.queue.models import ApprovalRequest, RequestKind, RequestStatus
 
     answered = ApprovalRequest.objects.filter(
@@ -129,7 +130,7 @@ def run_answers(run: Run) -> list[dict[str, str]]:
         kind=RequestKind.QUESTION,
         status=RequestStatus.APPROVED,
     ).order_by("id")
-    pairs = [{"question": q, "answer": a} for q, a in answered.values_list("question", "answer")]
+    pairs = [{"about": about, "answer": a} for about, a in answered.values_list("args", "answer")]
     return canonical_args({"answers": pairs})["answers"]
 
 

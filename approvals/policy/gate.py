@@ -202,6 +202,7 @@ class PolicyGate:
                         agent=run.agent.name if run.agent else "",
                         question=question.text,
                         choices=list(question.choices),
+                        args=dict(question.context),  # what the answer decides: its subject
                         deadline=timezone.now() + timedelta(hours=24),
                     )
             except (transitions.AlreadyOpen, transitions.RunHalted):  # asked first, or halted

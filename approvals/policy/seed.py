@@ -133,7 +133,7 @@ RULES = [
         outcome="ask",
         priority=40,
         condition="!run.answers.exists(a, a.answer == args.hotel"
-        " && a.question.contains(args.guest))",
+        ' && "guest" in a.about && a.about.guest == args.guest)',
         deadline_minutes=60,
         message="The customer did not pick this hotel for this guest from a shortlist (an agent "
         "chose it): check it is what the guest asked for, for them, within their budget.",

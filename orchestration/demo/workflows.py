@@ -198,6 +198,7 @@ def travel_booking(ctx, request: str, guest: str) -> dict:
     pick = ctx.ask_human(
         f"{guest} asked for: {request}. {summary} Which hotel should we book?",
         choices=[h["name"] for h in shortlist],
+        about={"guest": guest},
     )
     ctx.progress(0.9, "Booking")
     booking = ctx.tool(

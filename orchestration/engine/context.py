@@ -31,7 +31,13 @@ from orchestration.engine.errors import (
     WorkflowError,
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
-from orchestration.engine.steps import Outbox, step_finish, step_start, subtree_labels
+from orchestration.engine.steps import (
+    Outbox,
+    lease_fence,
+    step_finish,
+    step_start,
+    subtree_labels,
+)
 from orchestration.engine.timeouts import call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
 from orchestration.registry.declare import TOOLS, get_tool, get_workflow
@@ -560,6 +566,8 @@ class Context:
             problem = _schema_problem(definition, execute_args)
             if problem is not None:
                 self._refuse(started, problem, record)
+        # The gate's decision committed; a halt may have committed since: fence before acting.
+        lease_fence(run_id=self.run.pk, lease=self._lease)
         output, latency = self._execute(
             started,
             lambda: definition.fn(**execute_args, idempotency_key=started.idempotency_key),
@@ -584,8 +592,17 @@ class Context:
         self.labels.update(labels)
         return output
 
-    def ask_human(self, question: str, *, choices: list[str] | tuple[str, ...] = ()) -> str:
-        """Ask reviewers through the gate; the run waits durably for the answer (a choice)."""
+    def ask_human(
+        self,
+        question: str,
+        *,
+        choices: list[str] | tuple[str, ...] = (),
+        about: dict[str, Any] | None = None,
+    ) -> str:
+        """Ask reviewers through the gate; the run waits durably for the answer (a choice).
+        ``about`` names, from the workflow's own code, what the answer decides (e.g. the guest a
+        hotel pick is for): policies bind the answer to it (``run.answers``), never to the
+        question's text, which may quote a model."""
         seq, step = self._next(StepKind.ASK_HUMAN, "ask human")
         if step is not None and step.status in DONE:
             return self._replay(step)["choice"]
@@ -595,13 +612,15 @@ class Context:
             seq,
             StepKind.ASK_HUMAN,
             "ask human",
-            {"question": question, "choices": list(choices)},
+            {"question": question, "choices": list(choices), "about": about or {}},
             step,
             status=StepStatus.WAITING,
             message="" if step else f"Asked a human: {question}",
         )
         answer = self._gate.ask_human(
-            Question(text=question, choices=tuple(choices)), run_id=self.run.pk, step_seq=seq
+            Question(text=question, choices=tuple(choices), context=canonical_args(about or {})),
+            run_id=self.run.pk,
+            step_seq=seq,
         )
         if not isinstance(answer, Answer):
             raise Suspend("waiting for an answer")

@@ -106,6 +106,14 @@ def _extend_lease(outbox: Outbox, lease: str, now) -> None:
         raise LeaseLost(f"run {outbox.run_id} is leased to another worker")
 
 
+def lease_fence(*, run_id: int, lease: str) -> None:
+    """Just before a side effect: the run is still this worker's and not halted (raises
+    ``Halted`` or ``LeaseLost``), and the lease is renewed. A halt that committed before the
+    fence stops the effect; one that commits after it meets a tool already running."""
+    with transaction.atomic():
+        _extend_lease(Outbox(run_id), lease, timezone.now())
+
+
 def step_start(
     *,
     outbox: Outbox,

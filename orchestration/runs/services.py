@@ -11,6 +11,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_json
+from orchestration.engine.errors import Halted
 from orchestration.gate import get_gate
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import get_workflow
@@ -125,12 +126,17 @@ def run_start_child(
 ) -> Run:
     """The child run of a handoff, created once per (parent, step). Its usable tools are the
     intersection of the caller's (what the parent may use where it hands off) and the
-    callee's ceiling."""
+    callee's ceiling. Raises ``Halted`` if the parent was halted meanwhile."""
     existing = Run.objects.filter(parent=parent, parent_step_seq=step_seq).first()
     if existing is not None:
         return existing
     callee_tools = set(agent.tools.values_list("name", flat=True))
     with transaction.atomic():
+        # The parent's row first: a child is created before a halt of the parent (whose
+        # cascade then halts it) or not at all.
+        locked = Run.objects.select_for_update().get(pk=parent.pk)
+        if locked.status == RunStatus.HALTED:
+            raise Halted(locked.halt_reason)
         child = Run.objects.create(
             workflow="_agent.task",
             workflow_version=1,

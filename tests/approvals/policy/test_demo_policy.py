@@ -184,13 +184,15 @@ def test_an_email_from_a_run_that_read_no_ones_data_goes_out_on_its_own(policy_g
 
 
 def picked(run: Run, hotel: str, *, seq: int = 0, guest: str = "Ana Silva") -> None:
-    """The customer's pick: an answered question of ``run``, naming the guest it is for."""
+    """The customer's pick: an answered question of ``run`` about the guest it is for (as the
+    gate records ``ctx.ask_human(..., about={"guest": guest})``)."""
     ApprovalRequest.objects.create(
         kind="question",
         run_id=run.pk,
         step_seq=seq,
         status="approved",
-        question=f"{guest} asked for a hotel. Which hotel should we book?",
+        question=f"{guest} asked for a hotel; Mallory Evil would like one too. Which one?",
+        args={"guest": guest},
         answer=hotel,
     )
 
@@ -284,7 +286,9 @@ def test_a_pick_is_for_the_guest_it_was_asked_for(policy_gate):
         return decide(action, run)
 
     assert booked("Ana Silva").outcome == "allow"
-    mallory = booked("Mallory Evil")
+    for part_of_the_question in ("Ana", "Silva", "a", "Which"):  # words, not the guest
+        assert booked(part_of_the_question).outcome == "ask"
+    mallory = booked("Mallory Evil")  # named in the question's text, but not its subject
     assert (mallory.outcome, mallory.rules[0]) == (
         "ask",
         "Bookings the customer did not pick need a reviewer",

@@ -91,3 +91,39 @@ def test_a_tool_that_ran_before_the_halt_stays_on_the_record(policy_gate, monkey
     assert run.status == "halted" and Refund.objects.get().amount == 20
     step = Step.objects.get(run=run, name="payments.refund")
     assert step.status == "completed" and step.output["amount"] == 20.0
+
+
+def test_a_halt_after_the_gate_allowed_stops_the_tool_before_it_acts(policy_gate, monkeypatch):
+    """The gate allowed a 20 EUR refund; a halt commits before the tool starts: the engine's
+    fence just before the side effect sees it."""
+    record = gate_module._record
+
+    def recorded_then_halted(decision, action, run):
+        status = record(decision, action, run)
+        halt(run.pk)
+        return status
+
+    monkeypatch.setattr(gate_module, "_record", recorded_then_halted)
+    run = advanced(20)
+    assert run.status == "halted" and not Refund.objects.exists()
+
+
+@workflow("test.halt_handoff", input_schema={"type": "object"}, tools=["payments.refund"])
+def halt_handoff(ctx) -> dict:
+    return ctx.handoff("refund-bot", goal="Refund 20 EUR on order A-1004.")
+
+
+def test_no_child_run_starts_for_a_parent_halted_meanwhile(policy_gate, monkeypatch):
+    from orchestration.runs import services
+
+    start_child = services.run_start_child
+
+    def halted_first(*, parent, **kwargs):
+        halt(parent.pk)
+        return start_child(parent=parent, **kwargs)
+
+    monkeypatch.setattr(services, "run_start_child", halted_first)
+    run = run_start(workflow="test.halt_handoff", agent="refund-bot", input={})
+    assert run_advance(run.pk) == "stopped"
+    assert Run.objects.get(pk=run.pk).status == "halted"
+    assert not Run.objects.filter(parent_id=run.pk).exists()

@@ -315,7 +315,11 @@ def test_ask_human_waits_durably_for_the_answer(gate):
     run = drive(run_start(workflow="test.ask", input={}).pk)
     assert run.status == "waiting"
     step = run.step_set.get()
-    assert step.input == {"question": "Which hotel?", "choices": ["Sea Breeze", "Quiet Cove"]}
+    assert step.input == {
+        "question": "Which hotel?",
+        "choices": ["Sea Breeze", "Quiet Cove"],
+        "about": {},
+    }
     gate.answers[run.pk] = Answer(choice="Quiet Cove", by="reviewer-ann")
     run_resume(run_id=run.pk)
     run = drive(run.pk)
