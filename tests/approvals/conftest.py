@@ -1,10 +1,14 @@
-"""Fixtures of the control plane's tests: the policy gate with the seeded demo, and a reviewer."""
+"""Fixtures of the control plane's tests: the policy gate with the seeded demo, and reviewers
+(``member`` makes one with a role and teams, ``client_for`` logs one in)."""
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.test import Client
 
 from approvals.policy.seed import policy_seed
 from approvals.queue.models import ReviewerTeam
+from approvals.roles import REVIEWER
 from orchestration.demo.seed import demo_data_seed
 
 
@@ -23,3 +27,19 @@ def reviewer():
     for name in ("finance", "operations"):
         ReviewerTeam.objects.get_or_create(name=name)[0].members.add(user)
     return user
+
+
+def member(name: str, *teams: str, role: str | None = REVIEWER):
+    """An account with ``role`` (a Baton group) in ``teams``."""
+    account = get_user_model().objects.create_user(name)
+    if role:
+        account.groups.add(Group.objects.get(name=role))
+    for team in teams:
+        ReviewerTeam.objects.get_or_create(name=team)[0].members.add(account)
+    return account
+
+
+def client_for(account) -> Client:
+    client = Client()
+    client.force_login(account)
+    return client

@@ -9,16 +9,14 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied
-from django.test import Client
 from django.urls import reverse
 
 from approvals.access import RunAccess, grants_visible_to, has_role, visible_to
 from approvals.policy.models import Grant
 from approvals.policy.services import grant_revoke
-from approvals.queue.models import ApprovalRequest, RequestStatus, ReviewerTeam
-from approvals.roles import AUDITOR, MANAGE_POLICY, POLICY_ADMIN, REVIEW, REVIEWER
+from approvals.queue.models import ApprovalRequest, RequestStatus
+from approvals.roles import AUDITOR, MANAGE_POLICY, POLICY_ADMIN, REVIEW
 from config.asgi import application
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
@@ -26,6 +24,7 @@ from orchestration.runs.models import Event, Run, RunStatus, Step
 from orchestration.runs.realtime import run_group
 from orchestration.runs.selectors import concealed
 from orchestration.runs.services import run_halt
+from tests.approvals.conftest import client_for, member
 
 ARGS = {"order_id": "A-1004", "amount": 1899.5}
 AMOUNT = "1899.5"
@@ -34,21 +33,6 @@ PROPOSAL = "I will refund the blender in full"
 VERDICT = "Large refunds need finance"
 HIDDEN = "are for the finance team"
 HX = {"HTTP_HX_REQUEST": "true"}
-
-
-def member(name: str, *teams: str, role: str | None = REVIEWER):
-    account = get_user_model().objects.create_user(name)
-    if role:
-        account.groups.add(Group.objects.get(name=role))
-    for team in teams:
-        ReviewerTeam.objects.get_or_create(name=team)[0].members.add(account)
-    return account
-
-
-def client_for(account) -> Client:
-    client = Client()
-    client.force_login(account)
-    return client
 
 
 def refund_run(team: str = "finance", parent: Run | None = None) -> tuple[Run, ApprovalRequest]:

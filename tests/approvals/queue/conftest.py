@@ -1,22 +1,12 @@
 """Fixtures of the queue's service and transition tests: reviewers, a run, a request."""
 
 import pytest
-from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 
-from approvals.queue.models import ApprovalRequest, ReviewerTeam
-from approvals.roles import REVIEWER
+from approvals.queue.models import ApprovalRequest
 from orchestration.canonical import action_hash
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Run
-
-
-def user(name, *teams):
-    account = get_user_model().objects.create_user(name)
-    account.groups.add(Group.objects.get(name=REVIEWER))
-    for team in teams:
-        ReviewerTeam.objects.get_or_create(name=team)[0].members.add(account)
-    return account
+from tests.approvals.conftest import member as user
 
 
 @pytest.fixture

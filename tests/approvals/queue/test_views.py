@@ -5,37 +5,22 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
-from approvals.queue.models import ApprovalRequest, Decision, RequestKind, ReviewerTeam
+from approvals.queue.models import ApprovalRequest, Decision, RequestKind
 from approvals.queue.selectors import request_snapshot, summary
-from approvals.roles import AUDITOR, REVIEWER
+from approvals.roles import AUDITOR
 from orchestration.canonical import action_hash
 from orchestration.ledger.models import AuditRecord
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Run
+from tests.approvals.conftest import client_for, member
 
 pytestmark = pytest.mark.django_db
 
 HX = {"HTTP_HX_REQUEST": "true"}
-
-
-def member(name, *teams, role=REVIEWER):
-    account = get_user_model().objects.create_user(name)
-    if role:
-        account.groups.add(Group.objects.get(name=role))
-    for team in teams:
-        ReviewerTeam.objects.get_or_create(name=team)[0].members.add(account)
-    return account
-
-
-def client_for(account) -> Client:
-    client = Client()
-    client.force_login(account)
-    return client
 
 
 def make_run():
