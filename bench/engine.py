@@ -462,7 +462,6 @@ def _profile_once(n: int, *, broadcasts: bool) -> tuple[Phases, float, int]:
             phases.replace(module, "broadcast_run", lambda run_id: None)
     for module, attribute in [
         (runner, "run_claim"),
-        (runner, "_mark_running"),
         (runner, "_finish"),
         (context, "step_start"),
         (context, "call_with_timeout"),

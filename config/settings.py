@@ -125,7 +125,7 @@ TEMPLATES = [
 # --- Database ---------------------------------------------------------------------------------
 SQLITE_PATH = VAR_DIR / "baton.sqlite3"
 if os.environ.get("DATABASE_URL"):
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     # WAL lets readers run beside one writer; IMMEDIATE takes the write lock at BEGIN, so the
@@ -141,6 +141,10 @@ else:
             },
         }
     }
+# Connections are kept for a minute and checked before reuse after every request, task and
+# step call (a failover or a restart of the server leaves dead connections behind, which are then
+# replaced instead of failing the next query).
+DATABASES["default"].update(CONN_MAX_AGE=60, CONN_HEALTH_CHECKS=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: channels and Celery -----------------------------------------------------------------
@@ -204,8 +208,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": 5.0},
     },
 }
-# A worker holds a run's lease this long, renewed at every step start: it must exceed the
-# longest step. A run whose worker died is picked up again once its lease expires.
+# A worker holds a run's lease this long, renewed at every step start and, while a step runs,
+# every quarter of it. A run whose worker died is picked up again once its lease expires.
 BATON_LEASE_SECONDS = int(os.environ.get("BATON_LEASE_SECONDS", "60"))
 # A reviewer's claim on an approval request lapses after this long idle.
 BATON_CLAIM_SECONDS = int(os.environ.get("BATON_CLAIM_SECONDS", "600"))

@@ -1,8 +1,8 @@
 from datetime import timedelta
 
 from celery import shared_task
-from celery.signals import worker_ready
-from django.db import transaction
+from celery.signals import task_prerun, worker_ready
+from django.db import close_old_connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -12,6 +12,14 @@ from orchestration.workers import heartbeat_record
 # A pending run nobody has touched for this long lost its enqueue message.
 LOST_ENQUEUE_SECONDS = 5
 SWEEP_AGAIN = timedelta(seconds=10)
+
+
+@task_prerun.connect
+def _fresh_connections(**kwargs) -> None:
+    """Before every task, replace a database connection the server dropped (a restart, a
+    failover) or that outlived ``CONN_MAX_AGE``. Celery's own check is skipped while
+    ``CELERY_DB_REUSE_MAX`` reuses connections, so a dead one would fail task after task."""
+    close_old_connections()
 
 
 @shared_task(ignore_result=True)
@@ -28,13 +36,16 @@ def sweep_runs() -> int:
     (a SIGKILLed worker) or whose enqueue message was lost. Costs at most one slice. A run it
     enqueued is not enqueued again for ``SWEEP_AGAIN_SECONDS``, so sweeps queued behind a
     backlog do not multiply it."""
+    from orchestration.engine.runner import CLAIMABLE
     from orchestration.runs.models import Run, RunStatus
 
     now = timezone.now()
     lease_free = Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now)
     not_just_swept = Q(swept_at__isnull=True) | Q(swept_at__lt=now - SWEEP_AGAIN)
     due = (
-        Q(status=RunStatus.WAITING, wake_at__lte=now)
+        # A lease that expired unreleased: its worker died, whatever the run's status says.
+        Q(status__in=CLAIMABLE, lease_expires_at__lt=now)
+        | Q(status=RunStatus.WAITING, wake_at__lte=now)
         | Q(status=RunStatus.RUNNING, wake_at__isnull=True)
         | Q(status=RunStatus.RUNNING, wake_at__lte=now)
         | Q(status=RunStatus.PENDING, created_at__lt=now - timedelta(seconds=LOST_ENQUEUE_SECONDS))

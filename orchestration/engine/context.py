@@ -1,6 +1,7 @@
 """``ctx``: the authoring API. Every call is a recorded step with a sequence number; on replay a
 recorded step returns its recorded result, and the first unrecorded call executes for real."""
 
+import functools
 import time
 import uuid
 from collections import Counter
@@ -14,13 +15,16 @@ import jsonschema
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_args, canonical_json, sha256_hex
+from orchestration.engine import faults
 from orchestration.engine.errors import (
+    INFRASTRUCTURE_ERRORS,
     REPLAYABLE,
     ActionDenied,
     ActionRejected,
     BudgetExceeded,
     CheckFailed,
     Halted,
+    Interrupted,
     InvalidArguments,
     NonDeterminismError,
     NonRetryable,
@@ -32,19 +36,22 @@ from orchestration.engine.errors import (
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
 from orchestration.engine.steps import (
+    LeaseKeeper,
     Outbox,
     lease_fence,
     step_finish,
     step_start,
+    stop_process,
     subtree_labels,
 )
-from orchestration.engine.timeouts import call_with_timeout
+from orchestration.engine.timeouts import CallTimedOut, call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
 from orchestration.registry.declare import TOOLS, get_tool, get_workflow
 from orchestration.registry.models import Agent
 from orchestration.runs.models import Event, Run, Step, StepKind, StepStatus
 
 DONE = {StepStatus.COMPLETED, StepStatus.FAILED}
+OVERRUN_GRACE_SECONDS = 5.0  # how long a call that overran its timeout has to end by itself
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,22 @@ class Acting:
 
     agent: Agent
     offered: frozenset[str]
+
+
+def _interruptible(method: Callable) -> Callable:
+    """An authoring call during which the database fails raises ``Interrupted``, a control
+    signal: an ``except Exception`` in workflow code, or an agent loop, cannot take the engine's
+    own failure (its step records, the gate's queries, a tool's connection) for the step's
+    result and carry on without it."""
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except INFRASTRUCTURE_ERRORS as exc:
+            raise Interrupted(f"{type(exc).__name__}: {exc}") from exc
+
+    return call
 
 
 class Context:
@@ -240,17 +263,37 @@ class Context:
         """Run ``call`` once for this attempt; record the result, a retry, or a final failure
         (with the gate's ``verdict`` that let it run, if any)."""
         policy = RETRY_POLICIES[step.kind]
+        keeper = LeaseKeeper(self.run.pk, self._lease)
         started = time.monotonic()
         try:
-            result = call_with_timeout(call, timeout, what=step.name)
+            result = call_with_timeout(
+                call, timeout, what=step.name, heartbeat=keeper.beat, every=keeper.every
+            )
             _recordable(result)
+        except INFRASTRUCTURE_ERRORS:
+            raise  # the database failed under the call: not the tool's failure, not an attempt
         except Exception as exc:
             error = exc
         else:
+            faults.point(faults.EXECUTED, self.run.pk)
             return result, int((time.monotonic() - started) * 1000)
         latency = int((time.monotonic() - started) * 1000)
         message = f"{type(error).__name__}: {error}"
-        if is_retryable(error) and step.attempt < policy.attempts:
+        try:
+            self._fail_attempt(step, error, message, latency, policy, verdict)
+        finally:
+            # A call that overran and still runs would run beside the step's next attempt:
+            # once the attempt is recorded, and before the lease is given back, end it with
+            # the process, the only way to stop a call in Python.
+            if isinstance(error, CallTimedOut) and not error.ended(
+                grace=OVERRUN_GRACE_SECONDS, heartbeat=keeper.beat, every=keeper.every
+            ):
+                stop_process(f"{step.name} of run {self.run.pk} overran its timeout")
+
+    def _fail_attempt(self, step, error, message, latency, policy, verdict) -> None:
+        """Record a retry (and raise ``Suspend`` until it is due) or the step's failure (and
+        raise ``StepFailed``)."""
+        if is_retryable(error) and step.attempt - step.interruptions < policy.attempts:
             retry_at = timezone.now() + timedelta(seconds=policy.backoff(step.attempt))
             step_finish(
                 step,
@@ -285,6 +328,7 @@ class Context:
 
     # --- the authoring API ------------------------------------------------------------------
 
+    @_interruptible
     def now(self) -> datetime:
         seq, step = self._next(StepKind.NOW, "now")
         if step is not None and step.status in DONE:
@@ -301,6 +345,7 @@ class Context:
         self._account(0, 0)
         return value
 
+    @_interruptible
     def uuid(self) -> str:
         seq, step = self._next(StepKind.UUID, "uuid")
         if step is not None and step.status in DONE:
@@ -313,6 +358,7 @@ class Context:
         self._account(0, 0)
         return value
 
+    @_interruptible
     def sleep(self, seconds: float) -> None:
         """A durable sleep: the run frees its worker and beat wakes it when the time comes."""
         seq, step = self._next(StepKind.SLEEP, f"sleep {seconds:g}s")
@@ -343,6 +389,7 @@ class Context:
         )
         self._account(0, 0)
 
+    @_interruptible
     def check(self, name: str, passed: bool, *, detail: str = "", continue_on_fail: bool = False):
         """A recorded validation; a failed check raises ``CheckFailed`` unless told to continue."""
         seq, step = self._next(StepKind.CHECK, name)
@@ -377,6 +424,7 @@ class Context:
         self._account(0, 0)
         raise CheckFailed(f"check {name!r} failed: {detail}".strip(": "))
 
+    @_interruptible
     def retrieve(self, query: str, *, k: int = 3, source: str | None = None) -> list[dict]:
         """Search the document store. Snippets are recorded as the step's context and labelled
         ``untrusted_input``: they are text from outside that may carry instructions."""
@@ -412,6 +460,7 @@ class Context:
         self.labels.update(labels)
         return snippets
 
+    @_interruptible
     def llm(
         self,
         messages: list[dict],
@@ -489,6 +538,7 @@ class Context:
         reason) into the workflow, which may catch them and try another way."""
         return self.act(name, args, reasoning=_reasoning, confidence=_confidence)
 
+    @_interruptible
     def act(self, name: str, args: Any, *, reasoning: str = "", confidence: Any = None) -> Any:
         """A tool call with its arguments as a value: ``ctx.tool``, and each call a model
         returns inside ``ctx.agent`` (where anything may come back).
@@ -592,6 +642,7 @@ class Context:
         self.labels.update(labels)
         return output
 
+    @_interruptible
     def ask_human(
         self,
         question: str,
@@ -636,6 +687,7 @@ class Context:
         self._account(0, 0)
         return answer.choice
 
+    @_interruptible
     def handoff(self, agent, *, goal: str, context: dict | None = None) -> Any:
         """Hand a goal to another agent in a child run; its usable tools are the intersection
         of this run's and the callee's. This run waits durably for the child's result."""
@@ -697,6 +749,7 @@ class Context:
         self._account(0, 0)
         raise StepFailed(error)
 
+    @_interruptible
     def agent(
         self,
         agent,
@@ -719,6 +772,7 @@ class Context:
             self, _agent(agent), goal=goal, tools=tools, max_steps=max_steps, context=context
         )
 
+    @_interruptible
     def progress(self, fraction: float, label: str = "") -> None:
         """Report progress (not a step); written only when the run moves forward."""
         if self.replaying:

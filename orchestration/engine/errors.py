@@ -3,6 +3,12 @@
 Control signals derive from ``BaseException`` so that an ``except Exception:`` in a workflow
 cannot swallow a suspend, a halt, an exhausted budget or a replay mismatch."""
 
+from django.db import InterfaceError, OperationalError
+
+# What the database raises when it cannot answer (a dropped connection, a restart, a failover,
+# a deadlock): nothing about the run is decided by it; the run is advanced again later.
+INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
+
 
 class ControlSignal(BaseException):
     """Unwinds the workflow; the runner decides what happens to the run."""
@@ -27,6 +33,12 @@ class Halted(ControlSignal):
 
 class LeaseLost(ControlSignal):
     """Another worker holds the run now; this one stops without writing."""
+
+
+class Interrupted(ControlSignal):
+    """The engine's database failed under a step (its own queries, or a tool's on the same
+    server): the step is neither failed nor retried as a failure; the run is left for a worker
+    to advance again, which re-executes the step with the same idempotency key."""
 
 
 class BudgetExceeded(ControlSignal):

@@ -1,18 +1,24 @@
 """Advancing a run: take its lease atomically (or do nothing), load its steps in one query, and
 replay the workflow from the top until it suspends, completes, fails or its slice ends."""
 
+import logging
 import uuid
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, transaction
-from django.db.models import Q
+from django.db import DatabaseError, connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_json
+from orchestration.engine import faults
 from orchestration.engine.context import Context
 from orchestration.engine.errors import (
+    INFRASTRUCTURE_ERRORS,
     BudgetExceeded,
     Halted,
+    Interrupted,
     LeaseLost,
     NonDeterminismError,
     SliceEnded,
@@ -21,36 +27,82 @@ from orchestration.engine.errors import (
 from orchestration.engine.steps import lease_expiry
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import RegistryError, get_workflow
-from orchestration.runs.models import Event, Run, RunStatus
+from orchestration.runs.models import FINAL, Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
 
 SLICE_SECONDS = 20.0
 CLAIMABLE = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING]
+INTERRUPTED_RETRY = timedelta(seconds=2)  # a run its database failed under is due again then
+
+log = logging.getLogger(__name__)
 
 
-def run_claim(run_id: int) -> str | None:
-    """Take the run's lease if it is runnable, free and due; returns the lease token or None."""
+@dataclass(frozen=True)
+class Claim:
+    lease: str
+    was_waiting_for: str  # what the run said it waited for, if it waited: not logged twice
+
+
+def run_claim(run_id: int) -> Claim | None:
+    """Take the run's lease if it is runnable, free and due, and mark it running, in one
+    transaction: a claimed run is never left looking like one that waits for nobody. A worker
+    that dies after this leaves a running run whose lease expires, which the sweep takes up."""
     now = timezone.now()
-    token = uuid.uuid4().hex
-    claimed = (
-        Run.objects.filter(pk=run_id, status__in=CLAIMABLE)
-        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
-        .filter(Q(wake_at__isnull=True) | Q(wake_at__lte=now))
-        .update(lease_owner=token, lease_expires_at=lease_expiry(now), swept_at=None, wake_at=None)
-    )
-    return token if claimed else None
+    with transaction.atomic():
+        run = (
+            Run.objects.select_for_update()
+            .filter(pk=run_id, status__in=CLAIMABLE)
+            .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lt=now))
+            .filter(Q(wake_at__isnull=True) | Q(wake_at__lte=now))
+            .first()
+        )
+        if run is None:
+            return None
+        claim = Claim(lease=uuid.uuid4().hex, was_waiting_for=_waiting_note(run))
+        Run.objects.filter(pk=run_id).update(
+            status=RunStatus.RUNNING,
+            started_at=run.started_at or now,
+            lease_owner=claim.lease,
+            lease_expires_at=lease_expiry(now),
+            swept_at=None,
+            wake_at=None,
+        )
+        if run.started_at is None:
+            Event.objects.create(run=run, kind="run.started", message="Run started.")
+            ledger_append(
+                "run.started",
+                actor="engine",
+                run_id=run.pk,
+                agent_id=run.agent_id,
+                workflow=run.workflow,
+                outcome="started",
+                payload={"workflow": run.workflow, "version": run.workflow_version},
+            )
+        if run.status != RunStatus.RUNNING:
+            transaction.on_commit(lambda: broadcast_run(run_id))
+    return claim
 
 
 def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
     """Advance the run as far as it can go now. Returns what happened, for logs and tests."""
-    lease = run_claim(run_id)
-    if lease is None:
+    claim = run_claim(run_id)
+    if claim is None:
         return "skipped"
-    run = Run.objects.select_related("agent").get(pk=run_id)
-    was_waiting_for = _waiting_note(run)
-    _mark_running(run, lease)
-    steps = {step.seq: step for step in run.step_set.all()}
-    ctx = Context(run, steps, lease=lease, slice_seconds=slice_seconds)
+    faults.point(faults.CLAIMED, run_id)
+    ctx = None
+    try:
+        run = Run.objects.select_related("agent").get(pk=run_id)
+        steps = {step.seq: step for step in run.step_set.all()}
+        ctx = Context(run, steps, lease=claim.lease, slice_seconds=slice_seconds)
+        return _advance(ctx, claim, steps)
+    except Interrupted as signal:
+        return _interrupted(run_id, claim.lease, ctx, str(signal))
+    except INFRASTRUCTURE_ERRORS as exc:
+        return _interrupted(run_id, claim.lease, ctx, f"{type(exc).__name__}: {exc}")
+
+
+def _advance(ctx: Context, claim: Claim, steps: dict) -> str:
+    run, lease = ctx.run, claim.lease
     try:
         definition = get_workflow(run.workflow, run.workflow_version)
         result = definition.fn(ctx, **run.input)
@@ -61,7 +113,7 @@ def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
             )
         canonical_json(result, path="result")
     except Suspend as signal:
-        note = "" if signal.reason == was_waiting_for else signal.reason  # no repeated events
+        note = "" if signal.reason == claim.was_waiting_for else signal.reason
         return _finish(ctx, lease, RunStatus.WAITING, wake_at=signal.wake_at, note=note)
     except SliceEnded:
         return _finish(ctx, lease, RunStatus.RUNNING, note="slice ended", requeue=True)
@@ -76,15 +128,58 @@ def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
         return _finish(ctx, lease, RunStatus.FAILED, error=f"Non-determinism: {exc}")
     except (RegistryError, CanonicalError) as exc:
         return _finish(ctx, lease, RunStatus.FAILED, error=str(exc))
+    except INFRASTRUCTURE_ERRORS:
+        raise  # the database, not the workflow, failed: the run is not decided by it
     except Exception as exc:
         return _finish(ctx, lease, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
     return _finish(ctx, lease, RunStatus.COMPLETED, result=result)
 
 
+def _interrupted(run_id: int, lease: str, ctx: Context | None, error: str) -> str:
+    """The database failed under this slice. Nothing is decided about the run: once the
+    database answers, what the slice finished is recorded, the lease given back and the run
+    marked due shortly (the sweep advances it; the interrupted step runs again under the same
+    idempotency key). If it still does not answer, the lease expires and the sweep takes the
+    run up then."""
+    log.warning("run %s interrupted by the database (%s); it will be advanced again", run_id, error)
+    connection.close_if_unusable_or_obsolete()
+    try:
+        with transaction.atomic():
+            released = (
+                Run.objects.filter(pk=run_id, lease_owner=lease)
+                .exclude(status__in=FINAL)
+                .update(
+                    lease_owner="",
+                    lease_expires_at=None,
+                    wake_at=timezone.now() + INTERRUPTED_RETRY,
+                )
+            )
+            if released and ctx is not None:
+                _record_what_ran(ctx)
+            if released:
+                # The step in flight (started under this lease, not finished) runs again; its
+                # retries do not count this attempt.
+                Step.objects.filter(run_id=run_id, lease=lease, status=StepStatus.STARTED).update(
+                    interruptions=F("interruptions") + 1
+                )
+                last = Event.objects.filter(run_id=run_id).order_by("-id").first()
+                if last is None or last.kind != "run.interrupted":  # one note per outage
+                    Event.objects.create(
+                        run_id=run_id,
+                        kind="run.interrupted",
+                        message=f"Interrupted by the database ({error[:500]}); continuing.",
+                    )
+                transaction.on_commit(lambda: broadcast_run(run_id))
+    except INFRASTRUCTURE_ERRORS:
+        connection.close_if_unusable_or_obsolete()
+    return "interrupted"
+
+
 def _record_what_ran(ctx: Context) -> None:
-    """In the caller's transaction, on a run halted while this worker advanced it: the finishes
-    of steps that ran still commit (fenced by attempt, so nothing a newer worker did is
-    overwritten); anything the database refuses is dropped, the run being over already."""
+    """In the caller's transaction, on a run halted while this worker advanced it or whose slice
+    the database interrupted: the finishes of steps that ran still commit (fenced by attempt,
+    so nothing a newer worker did is overwritten); anything the database refuses is dropped
+    (the run is over, or those steps run again under their idempotency keys)."""
     try:
         with transaction.atomic():
             ctx.outbox.apply()
@@ -98,31 +193,6 @@ def _waiting_note(run: Run) -> str:
         return ""
     event = run.events.filter(kind="run.waiting").order_by("-id").first()
     return event.data.get("reason", "") if event else ""
-
-
-def _mark_running(run: Run, lease: str) -> None:
-    if run.status == RunStatus.RUNNING:
-        return
-    first = run.started_at is None
-    with transaction.atomic():
-        updated = Run.objects.filter(pk=run.pk, lease_owner=lease).update(
-            status=RunStatus.RUNNING,
-            started_at=run.started_at or timezone.now(),
-            wake_at=None,
-        )
-        if updated and first:
-            Event.objects.create(run=run, kind="run.started", message="Run started.")
-            ledger_append(
-                "run.started",
-                actor="engine",
-                run_id=run.pk,
-                agent_id=run.agent_id,
-                workflow=run.workflow,
-                outcome="started",
-                payload={"workflow": run.workflow, "version": run.workflow_version},
-            )
-        transaction.on_commit(lambda: broadcast_run(run.pk))
-    run.refresh_from_db()
 
 
 def _finish(
@@ -139,9 +209,10 @@ def _finish(
     from orchestration.runs.services import enqueue_on_commit
 
     run = ctx.run
-    now = timezone.now()
+    faults.point(faults.FINISHING, run.pk)
     with transaction.atomic():
         locked = Run.objects.select_for_update().get(pk=run.pk)
+        now = timezone.now()
         if locked.status == RunStatus.HALTED:
             _record_what_ran(ctx)  # a tool that executed before the halt stays on the record
             return "stopped"
@@ -150,6 +221,8 @@ def _finish(
         try:
             with transaction.atomic():  # the last steps' finishes commit with the run's state
                 ctx.outbox.apply()
+        except INFRASTRUCTURE_ERRORS:
+            raise
         except DatabaseError as exc:
             # Whatever the database refused, the run ends, failed, saying why: it never stays
             # running for the sweep to replay the same refused write forever.
@@ -158,10 +231,11 @@ def _finish(
             status, result, wake_at, requeue = RunStatus.FAILED, None, None, False
             error = f"{error or 'The run ended'}; its last steps could not be recorded: {refused}"
         final = status in {RunStatus.COMPLETED, RunStatus.FAILED}
-        # A claim clears wake_at, so a due mark now is a run_resume made during this lease: what
-        # the run is about to wait for may already have happened. Stay due and go again.
-        if status == RunStatus.WAITING and locked.wake_at and locked.wake_at <= now:
-            wake_at, requeue = locked.wake_at, True
+        # A claim clears wake_at, so any mark now is a run_resume made during this lease (a
+        # decision, an answer, a child's end): what the run is about to wait for may already
+        # have happened. Whenever it was stamped, it is never erased: stay due and go again.
+        if status == RunStatus.WAITING and locked.wake_at is not None:
+            wake_at, requeue = min(locked.wake_at, now), True
         fields: dict[str, Any] = {
             "status": status,
             "lease_owner": "",

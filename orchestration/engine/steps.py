@@ -10,13 +10,16 @@ A step records only values that have a canonical JSON form (no NaN, infinity or 
 the database would refuse must never wait in the outbox, where it would fail every later write
 of the run. ``CanonicalError`` is raised before anything is queued or written."""
 
+import logging
+import os
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -24,6 +27,8 @@ from orchestration.canonical import canonical_json
 from orchestration.engine.errors import Halted, LeaseLost
 from orchestration.runs.models import Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
+
+log = logging.getLogger(__name__)
 
 
 def run_subtree(run_id: int) -> list[int]:
@@ -112,6 +117,48 @@ def lease_fence(*, run_id: int, lease: str) -> None:
     fence stops the effect; one that commits after it meets a tool already running."""
     with transaction.atomic():
         _extend_lease(Outbox(run_id), lease, timezone.now())
+
+
+class LeaseKeeper:
+    """The heartbeat of a step that is executing: renews the run's lease every quarter of it
+    (``beat``), so that however long a step runs, no other worker takes the run meanwhile.
+
+    Should renewals fail (the database out of reach) until the lease may have expired, or should
+    another worker hold the run (it expired anyway), the step could be executing in two places:
+    the process stops itself at once (``stop_process``), the only way to stop a running call in
+    Python, and the run continues elsewhere as after any crash."""
+
+    def __init__(self, run_id: int, lease: str):
+        self.run_id, self.lease = run_id, lease
+        self.seconds = settings.BATON_LEASE_SECONDS
+        self.every = self.seconds / 4
+        # Renewed just before the step began (its start or its fence); a margin for clock skew.
+        self.valid_until = time.monotonic() + self.seconds - self.every
+
+    def beat(self) -> None:
+        began = time.monotonic()
+        try:
+            renewed = Run.objects.filter(pk=self.run_id, lease_owner=self.lease).update(
+                lease_expires_at=lease_expiry(timezone.now())
+            )
+            halted = (
+                not renewed and Run.objects.filter(pk=self.run_id, status=RunStatus.HALTED).exists()
+            )
+        except DatabaseError as exc:
+            connection.close_if_unusable_or_obsolete()  # the next beat reconnects
+            if time.monotonic() > self.valid_until:
+                stop_process(f"could not renew the lease of run {self.run_id}: {exc}")
+            return
+        if renewed:
+            self.valid_until = began + self.seconds - self.every
+        elif not halted:  # a halt ends the lease, and meets the call already running
+            stop_process(f"run {self.run_id} is leased to another worker")
+
+
+def stop_process(why: str) -> None:
+    log.critical("stopping this worker process: %s while one of its steps executes", why)
+    logging.shutdown()
+    os._exit(70)
 
 
 def step_start(
