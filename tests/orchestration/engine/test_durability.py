@@ -7,20 +7,14 @@ with SIGKILL on their whole process group (the worker and its embedded beat), as
 OOM killer or a lost machine would.
 """
 
-import os
 import re
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import contextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.utils import timezone
-from kombu import pools
 
 from config.celery import app
 from config.settings import celery_broker_url
@@ -30,10 +24,9 @@ from orchestration.ledger.models import AuditRecord
 from orchestration.runs.models import FINAL, Run, RunStatus, Step
 from orchestration.runs.services import run_halt, run_start
 from orchestration.tasks import LOST_ENQUEUE_SECONDS, advance_run
-from orchestration.workers import WorkerHeartbeat
 from tests.orchestration.engine import durability_workflows
 from tests.orchestration.engine.durability_workflows import KIND, PAUSE_ENV, hit_file
-from tests.services import celery_command, live_env, start_process
+from tests.services import Workers, producer_on, wait_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -45,136 +38,39 @@ KEY_RE = re.compile(r"^run-(\d+)-step-(\d+)$")
 # --- real workers ---------------------------------------------------------------------------
 
 
-class Workers:
-    """Real worker processes, one at a time, started, SIGKILLed and restarted by the test."""
+class DurabilityWorkers(Workers):
+    """One worker at a time, with beat embedded, loading the test workflows. While ``pause``
+    exists, the test tool pauses (see ``durability_workflows``)."""
 
     def __init__(self, redis_url: str, directory: Path):
-        self.redis_url = redis_url
-        self.dir = directory
-        self.pause = directory / "pause"  # while it exists, the test tool pauses (see module)
-        self.processes: list[subprocess.Popen] = []
-        self.logs_paths: list[Path] = []
+        self.pause = directory / "pause"
+        include = [durability_workflows.__name__]
+        super().__init__(redis_url, directory, include=include, env={PAUSE_ENV: str(self.pause)})
 
-    @property
-    def current(self) -> subprocess.Popen:
-        return self.processes[-1]
-
-    def start(self) -> subprocess.Popen:
-        n = len(self.processes) + 1
-        hostname = f"durability{n}-{uuid.uuid4().hex[:8]}@localhost"
-        log = self.dir / f"worker-{n}.log"
-        env = live_env(self.redis_url)
-        env[PAUSE_ENV] = str(self.pause)
-        command = celery_command(
-            "worker",
-            "--pool=solo",
-            "--loglevel=INFO",
-            "-n",
-            hostname,
-            "--include",
-            durability_workflows.__name__,
-            "--beat",
-            "--schedule",
-            str(self.dir / f"beat-schedule-{n}"),
-            # Worker-to-worker chatter only; without them a (re)start takes a second less.
-            "--without-mingle",
-            "--without-gossip",
-        )
-        process = start_process(command, env, log)
-        self.processes.append(process)
-        self.logs_paths.append(log)
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise AssertionError(f"worker {n} exited with {process.returncode}")
-            return WorkerHeartbeat.objects.filter(hostname=hostname).exists()
-
-        self.wait(ready, timeout=30, what=f"worker {n} to be ready")
-        return process
-
-    def kill(self) -> None:
-        """SIGKILL the current worker and its embedded beat (its process group)."""
-        process = self.current
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    def start(self) -> None:
+        super().start(beat=True)
 
     def stop_all(self) -> None:
         self.pause.unlink(missing_ok=True)  # a paused tool returns, so warm shutdown is quick
-        for process in self.processes:
-            _signal_group(process, signal.SIGTERM)
-        for process in self.processes:
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=10)
-            _signal_group(process, signal.SIGKILL)  # stray children (the embedded beat) too
-            process.wait()
-
-    def log(self, n: int | None = None) -> str:
-        path = self.logs_paths[-1 if n is None else n - 1]
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def logs(self, tail: int = 150) -> str:
-        parts = []
-        for n, path in enumerate(self.logs_paths, start=1):
-            lines = self.log(n).splitlines()[-tail:]
-            parts.append(f"----- worker {n} ({path}), last {len(lines)} lines -----")
-            parts.extend(lines)
-        return "\n".join(parts)
-
-    def wait(self, predicate: Callable[[], object], *, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-            time.sleep(0.02)
-
-    @contextmanager
-    def explain_failure(self):
-        """On any failure, print the workers' logs and the runs: pytest shows them with it."""
-        try:
-            yield
-        except BaseException:
-            print(self.logs())
-            print("----- runs -----")
-            for run in Run.objects.order_by("pk"):
-                steps = [(s.seq, s.kind, s.status, s.attempt) for s in run.step_set.all()]
-                print(run.pk, run.status, run.lease_expires_at, run.wake_at, run.error, steps)
-            raise
-
-
-def _signal_group(process: subprocess.Popen, signum: int) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)  # started with start_new_session: pgid == pid
+        super().stop_all()
 
 
 @pytest.fixture
 def workers(transactional_db, redis_client, redis_url, tmp_path):
     """Start workers with ``workers.start()``; all are stopped (and their groups killed) at the
     end. ``redis_client`` empties Redis first, so no message of an earlier test is delivered."""
-    pool = Workers(redis_url, tmp_path)
+    pool = DurabilityWorkers(redis_url, tmp_path)
     yield pool
     pool.stop_all()
-
-
-def _reset_producer() -> None:
-    pools.reset()
-    app._pool = None
-    app.amqp._producer_pool = None
 
 
 @pytest.fixture
 def producer_on_redis(redis_url):
     """Point this process's Celery producer at the real Redis (the unit tests' is memory://),
     so that ``run_start``'s enqueue after commit reaches the worker. Restored afterwards."""
-    previous = app.conf.broker_url
-    _reset_producer()
-    app.conf.broker_url = celery_broker_url(redis_url)
-    assert app.connection_for_write().transport_cls.startswith("redis")
-    yield
-    _reset_producer()
-    app.conf.broker_url = previous
+    with producer_on(redis_url):
+        assert app.connection_for_write().transport_cls.startswith("redis")
+        yield
 
 
 def send_advance(redis_url: str, run_id: int) -> str:
@@ -223,7 +119,7 @@ def test_runs_survive_sigkilled_workers_with_every_effect_made_once(workers, pro
         run_ids = [run_start(workflow="durability.steps", input={"tag": tag}).pk for tag in tags]
 
         # Kill 1: anywhere, once the first few effects exist.
-        workers.wait(lambda: effects(prefix) >= 5, timeout=20, what="5 effects")
+        wait_for(lambda: effects(prefix) >= 5, timeout=20, what="5 effects")
         workers.kill()
         kills = [effects(prefix)]
         expire_leases()
@@ -232,7 +128,7 @@ def test_runs_survive_sigkilled_workers_with_every_effect_made_once(workers, pro
         # Kill 2: after a tool's insert has committed, before its step is marked finished.
         workers.pause.touch()
         hit = hit_file(workers.pause)
-        key = workers.wait(lambda: hit.exists() and hit.read_text(), timeout=20, what="a pause")
+        key = wait_for(lambda: hit.exists() and hit.read_text(), timeout=20, what="a pause")
         paused_run, paused_seq = map(int, KEY_RE.match(key).groups())
         paused = Step.objects.get(run_id=paused_run, seq=paused_seq)
         assert InfraChange.objects.filter(idempotency_key=key).count() == 1  # committed
@@ -245,7 +141,7 @@ def test_runs_survive_sigkilled_workers_with_every_effect_made_once(workers, pro
         workers.start()
 
         # Kill 3: anywhere again, a few effects later.
-        workers.wait(lambda: effects(prefix) >= kills[-1] + 8, timeout=20, what="8 more effects")
+        wait_for(lambda: effects(prefix) >= kills[-1] + 8, timeout=20, what="8 more effects")
         workers.kill()
         kills.append(effects(prefix))
         expire_leases()
@@ -256,7 +152,7 @@ def test_runs_survive_sigkilled_workers_with_every_effect_made_once(workers, pro
         def all_final() -> bool:
             return not Run.objects.filter(pk__in=run_ids).exclude(status__in=FINAL).exists()
 
-        workers.wait(all_final, timeout=RECOVERY_SECONDS, what=f"all {RUNS} runs to be final")
+        wait_for(all_final, timeout=RECOVERY_SECONDS, what=f"all {RUNS} runs to be final")
         timings["all final after last restart"] = time.monotonic() - restarted
 
         assert len(kills) >= 3 and kills[-1] < 3 * RUNS, kills  # the kills hit work in flight
@@ -316,7 +212,7 @@ def test_a_run_whose_enqueue_was_lost_is_started_by_the_reaper(workers):
         assert Run.objects.get(pk=run.pk).status == RunStatus.PENDING  # nobody was told
         assert not Step.objects.filter(run=run).exists()
 
-        workers.wait(
+        wait_for(
             lambda: Run.objects.get(pk=run.pk).is_final,
             timeout=LOST_ENQUEUE_SECONDS + 15,
             what="the reaper to start the run and the run to finish",
@@ -347,7 +243,7 @@ def test_a_halted_run_starts_no_further_step_on_a_real_worker(
         # A: halted while it sleeps durably. The sleep is short so that its timer comes due
         # during the test: beat's sweep (every second) would wake a run that was not halted.
         sleeper = run_start(workflow="durability.sleeps", input={"tag": sleeper_tag, "seconds": 3})
-        workers.wait(
+        wait_for(
             lambda: Run.objects.get(pk=sleeper.pk).status == RunStatus.WAITING,
             timeout=15,
             what="the sleeper to wait",
@@ -361,13 +257,13 @@ def test_a_halted_run_starts_no_further_step_on_a_real_worker(
         workers.pause.touch()
         busy = run_start(workflow="durability.steps", input={"tag": busy_tag})
         hit = hit_file(workers.pause)
-        key = workers.wait(lambda: hit.exists() and hit.read_text(), timeout=15, what="a pause")
+        key = wait_for(lambda: hit.exists() and hit.read_text(), timeout=15, what="a pause")
         assert key == f"run-{busy.pk}-step-1"
         run_halt(run=busy.pk, by="reviewer-ann", reason="wrong customer")
         workers.pause.unlink()  # the tool call in flight returns now
 
         # Past the sleeper's timer, with beat sweeping all the while.
-        workers.wait(
+        wait_for(
             lambda: timezone.now() > wake_at + timedelta(seconds=2.5),
             timeout=20,
             what="the sleeper's timer to be due",
@@ -375,7 +271,7 @@ def test_a_halted_run_starts_no_further_step_on_a_real_worker(
         # Stale messages for both runs: the solo worker runs them after whatever it was doing,
         # so once they are logged, it has finished with both runs.
         stale = [send_advance(redis_url, run_id) for run_id in (sleeper.pk, busy.pk)]
-        results = workers.wait(
+        results = wait_for(
             lambda: (
                 all(task_result(workers.log(), t) for t in stale)
                 and [task_result(workers.log(), t) for t in stale]
