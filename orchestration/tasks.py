@@ -34,7 +34,7 @@ def advance_run(run_id: int) -> str:
 def sweep_runs() -> int:
     """Beat's timer sweep: wake runs whose timer is due, and reap runs whose lease expired
     (a SIGKILLed worker) or whose enqueue message was lost. Costs at most one slice. A run it
-    enqueued is not enqueued again for ``SWEEP_AGAIN_SECONDS``, so sweeps queued behind a
+    enqueued is not enqueued again for ``SWEEP_AGAIN``, so sweeps queued behind a
     backlog do not multiply it."""
     from orchestration.engine.runner import CLAIMABLE
     from orchestration.runs.models import Run, RunStatus
@@ -52,7 +52,9 @@ def sweep_runs() -> int:
     )
     candidates = Run.objects.filter(lease_free & due & not_just_swept)
     run_ids = list(candidates.values_list("pk", flat=True)[:500])
-    Run.objects.filter(pk__in=run_ids).filter(not_just_swept).update(swept_at=now)
+    # Marked only if still due: a run a worker claimed meanwhile keeps no stale mark, which
+    # would keep its next timer from the sweep for SWEEP_AGAIN.
+    candidates.filter(pk__in=run_ids).update(swept_at=now)
     for run_id in run_ids:
         advance_run.delay(run_id)
     return len(run_ids)

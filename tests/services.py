@@ -157,6 +157,15 @@ class Workers:
         wait_for(ready, timeout=30, what=f"worker {slot} to be ready")
         return process
 
+    def start_beat(self) -> subprocess.Popen:
+        """Beat in a process of its own (slot ``beat``), as deployments run it."""
+        log = self.dir / f"beat-{len(self.logs_paths) + 1}.log"
+        schedule = str(self.dir / "beat-schedule")
+        command = celery_command("beat", "--loglevel=INFO", "--schedule", schedule)
+        process = start_process(command, {**live_env(self.redis_url), **self.env}, log)
+        self.slots["beat"], self.beats["beat"], self.logs_paths[log.name] = process, False, log
+        return process
+
     def kill(self, slot: str = "worker") -> None:
         """SIGKILL the worker and its embedded beat (its process group)."""
         process = self.slots[slot]
@@ -167,7 +176,10 @@ class Workers:
 
     def restart(self, slot: str = "worker") -> None:
         self.kill(slot)
-        self.start(slot, beat=self.beats[slot])
+        if slot == "beat":
+            self.start_beat()
+        else:
+            self.start(slot, beat=self.beats[slot])
 
     def dead(self) -> list[str]:
         """The slots whose worker has died (by its own hand, at a planned fault point)."""

@@ -85,7 +85,13 @@ def run_claim(run_id: int) -> Claim | None:
 
 def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
     """Advance the run as far as it can go now. Returns what happened, for logs and tests."""
-    claim = run_claim(run_id)
+    try:
+        claim = run_claim(run_id)
+    except INFRASTRUCTURE_ERRORS:
+        # The connection died under the claim (a drop landing after the task's health check):
+        # once more on a new one, rather than leave the run to the sweep's next pass.
+        connection.close_if_unusable_or_obsolete()
+        claim = run_claim(run_id)
     if claim is None:
         return "skipped"
     faults.point(faults.CLAIMED, run_id)
@@ -152,6 +158,7 @@ def _interrupted(run_id: int, lease: str, ctx: Context | None, error: str) -> st
                     lease_owner="",
                     lease_expires_at=None,
                     wake_at=timezone.now() + INTERRUPTED_RETRY,
+                    swept_at=None,
                 )
             )
             if released and ctx is not None:
@@ -241,6 +248,7 @@ def _finish(
             "lease_owner": "",
             "lease_expires_at": None,
             "wake_at": wake_at,
+            "swept_at": None,  # a sweep's mark was for the run's previous state
         }
         if final:
             fields.update(result=result, error=error, finished_at=now)

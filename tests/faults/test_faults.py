@@ -1,5 +1,5 @@
 """The fault suite: runs that need a reviewer's approval, a durable sleep and a step longer than
-the lease, advanced by two real workers (solo pool; beat embedded in the first), on PostgreSQL
+the lease, advanced by three real workers (solo pool) and beat, on PostgreSQL
 and a private Redis, while the suite SIGKILLs workers (at random, and exactly inside the claim,
 suspend and executed-but-unrecorded windows through the engine's fault points), kills Redis and
 restarts it empty, and terminates every PostgreSQL backend during traffic. A reviewer approves
@@ -40,6 +40,7 @@ ROUNDS = int(os.environ.get("BATON_FAULTS_ROUNDS", "1"))
 LEASE_SECONDS = 3
 RECOVERY_SECONDS = 60  # every run is final this long after the last fault, at the latest
 GATE = "approvals.policy.gate.PolicyGate"
+SLOTS = ["a", "b", "c"]  # three workers: two long steps at once still leave one free
 
 
 def policy_for_the_suite() -> None:
@@ -83,8 +84,9 @@ def test_no_run_is_lost_duplicated_stuck_or_half_written_under_faults(settings, 
     reviewer_thread = Reviewer(reviewer, lambda: list(run_ids))
     try:
         with producer_on(redis.url):
-            workers.start("a", beat=True)
-            workers.start("b")
+            workers.start_beat()
+            for slot in SLOTS:
+                workers.start(slot)
             reviewer_thread.start()
             began = time.monotonic()
 
@@ -144,7 +146,7 @@ def test_no_run_is_lost_duplicated_stuck_or_half_written_under_faults(settings, 
                 kill_at(faults.EXECUTED)
 
                 time.sleep(random.uniform(0.2, 1.0))  # a random moment
-                workers.restart(random.choice(["a", "b"]))  # SIGKILL wherever it is
+                workers.restart(random.choice(SLOTS))  # SIGKILL wherever it is
 
                 # Redis dies: runs started meanwhile lose their message; back empty.
                 redis.kill()
@@ -155,7 +157,8 @@ def test_no_run_is_lost_duplicated_stuck_or_half_written_under_faults(settings, 
                 # Every PostgreSQL backend is terminated during traffic.
                 since = timezone.now()
                 dropped["backends"] += terminate_backends()
-                busy = list(Run.objects.filter(pk__in=run_ids).exclude(status__in=FINAL)[:5])
+                live = Run.objects.filter(pk__in=run_ids).exclude(status__in=FINAL)
+                busy = list(live.filter(input__long=False)[:5])  # a long step takes 7 s anyway
                 recovered("recovery_postgres_s", since, [run.pk for run in busy])
                 after_drop += RUNS // 3
                 start_runs(RUNS // 3)  # runs started after a drop complete
@@ -174,7 +177,7 @@ def test_no_run_is_lost_duplicated_stuck_or_half_written_under_faults(settings, 
         redis.stop()
 
     verdict = classify(run_ids, targets=targets, journal=journal, deaths=workers.deaths)
-    kills = len(workers.logs_paths) - 2  # all but the first two were restarts
+    kills = len(workers.logs_paths) - 1 - len(SLOTS)  # the rest were restarts
     print(
         f"\n{verdict.line()} worker_kills={kills} redis_restarts={redis.restarts} "
         f"backends_terminated={dropped['backends']} runs_after_drop={after_drop} "

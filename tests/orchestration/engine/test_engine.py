@@ -20,6 +20,7 @@ from tests.orchestration.engine.conftest import drive
 # Tools run on the engine's helper thread, with a connection of its own: the tests commit.
 pytestmark = pytest.mark.django_db(transaction=True)
 
+SLEEP = 0.5  # test.sleepy's durable sleep, in seconds
 CALLS: Counter[str] = Counter()
 FLAKY: dict[str, int] = {}
 
@@ -77,7 +78,7 @@ def halts_its_run(*, run_id: int, idempotency_key: str) -> dict:
 def sleepy(ctx, label: str = "a") -> dict:
     first = ctx.tool("test.effect", label=label)
     try:
-        ctx.sleep(0.05)
+        ctx.sleep(SLEEP)  # long enough that "not due yet" holds on a busy machine
     except Exception:  # a workflow that swallows errors must not swallow the suspend
         return {"swallowed": True}
     ctx.tool("test.effect", label=label + "-after")
@@ -182,7 +183,7 @@ def test_changed_workflow_code_raises_the_non_determinism_error(gate, monkeypatc
         ("test.sleepy", 1),
         type(definition)(name=definition.name, version=1, fn=changed, description=""),
     )
-    time.sleep(0.06)
+    time.sleep(SLEEP + 0.01)
     run = drive(run.pk)
     assert run.status == "failed"
     assert "Non-determinism: step 1" in run.error
@@ -351,7 +352,7 @@ def test_durable_sleep_frees_the_worker_until_it_is_due(gate):
     assert run_advance(run.pk) == "waiting"
     assert Run.objects.get(pk=run.pk).wake_at is not None
     assert run_advance(run.pk) == "skipped"  # not due yet
-    time.sleep(0.06)
+    time.sleep(SLEEP + 0.01)
     assert drive(run.pk).status == "completed"
 
 
@@ -468,7 +469,7 @@ def test_a_workflow_that_now_stops_early_is_non_deterministic_too(gate, monkeypa
         ("test.sleepy", 1),
         type(definition)(name=definition.name, version=1, fn=shorter, description=""),
     )
-    time.sleep(0.06)
+    time.sleep(SLEEP + 0.01)
     run = drive(run.pk)
     assert run.status == "failed"
     assert run.error == (
@@ -490,7 +491,7 @@ def test_the_sweep_enqueues_a_due_run_once_until_a_worker_takes_it(gate):
 
     run = run_start(workflow="test.sleepy", input={"label": "sw"})
     drive(run.pk, timers=False)  # sleeping
-    time.sleep(0.06)
+    time.sleep(SLEEP + 0.01)
     assert sweep_runs() == 1
     assert sweep_runs() == 0  # its message is still on the way
     drive(run.pk)  # a worker takes it: the next timer may be swept again at once

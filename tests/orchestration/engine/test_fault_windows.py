@@ -321,6 +321,22 @@ def test_a_run_woken_by_its_timer_whose_worker_died_after_claiming_it_is_taken_u
     assert (claimed.status, claimed.wake_at) == ("running", None)
 
 
+def test_a_sweep_mark_landing_after_a_claim_does_not_hold_back_the_run_s_next_timer(gate, inject):
+    """The sweep selects a due run and marks it swept; a worker may claim the run in between
+    (its resume message came first). The late mark must not keep the run's next timer from
+    the sweep for SWEEP_AGAIN: its new state clears it."""
+    run = run_start(workflow="windows.sleepy", input={"label": "marked"})
+    # As the racing sweep would: a mark landing just after this worker's claim.
+    inject(
+        faults.CLAIMED,
+        run.pk,
+        lambda: Run.objects.filter(pk=run.pk).update(swept_at=timezone.now()),
+    )
+    assert run_advance(run.pk) == "waiting"  # sleeping now
+    make_due(run.pk)
+    assert sweep_runs() == 1  # its timer is swept at once, not ten seconds later
+
+
 # --- 2. a decision that commits while the worker suspends the run ---------------------------
 
 
