@@ -33,6 +33,7 @@ from orchestration.engine.errors import (
     Suspend,
     ToolUnavailable,
     WorkflowError,
+    is_outage,
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
 from orchestration.engine.steps import (
@@ -41,10 +42,9 @@ from orchestration.engine.steps import (
     lease_fence,
     step_finish,
     step_start,
-    stop_process,
     subtree_labels,
 )
-from orchestration.engine.timeouts import CallTimedOut, call_with_timeout
+from orchestration.engine.timeouts import CallAbandoned, call_with_timeout
 from orchestration.gate import Action, Answer, Question, get_gate
 from orchestration.registry.declare import TOOLS, get_tool, get_workflow
 from orchestration.registry.models import Agent
@@ -73,7 +73,9 @@ def _interruptible(method: Callable) -> Callable:
         try:
             return method(self, *args, **kwargs)
         except INFRASTRUCTURE_ERRORS as exc:
-            raise Interrupted(f"{type(exc).__name__}: {exc}") from exc
+            if is_outage(exc):
+                raise Interrupted(f"{type(exc).__name__}: {exc}") from exc
+            raise
 
     return call
 
@@ -266,13 +268,11 @@ class Context:
         keeper = LeaseKeeper(self.run.pk, self._lease)
         started = time.monotonic()
         try:
-            result = call_with_timeout(
-                call, timeout, what=step.name, heartbeat=keeper.beat, every=keeper.every
-            )
+            result = call_with_timeout(call, timeout, what=step.name, keeper=keeper)
             _recordable(result)
-        except INFRASTRUCTURE_ERRORS:
-            raise  # the database failed under the call: not the tool's failure, not an attempt
         except Exception as exc:
+            if is_outage(exc):
+                raise  # the database failed under the call: not the tool's failure
             error = exc
         else:
             faults.point(faults.EXECUTED, self.run.pk)
@@ -285,15 +285,15 @@ class Context:
             # A call that overran and still runs would run beside the step's next attempt:
             # once the attempt is recorded, and before the lease is given back, end it with
             # the process, the only way to stop a call in Python.
-            if isinstance(error, CallTimedOut) and not error.ended(
-                grace=OVERRUN_GRACE_SECONDS, heartbeat=keeper.beat, every=keeper.every
+            if isinstance(error, CallAbandoned) and not error.ended(
+                grace=OVERRUN_GRACE_SECONDS, keeper=keeper
             ):
-                stop_process(f"{step.name} of run {self.run.pk} overran its timeout")
+                keeper.stop(f"{step.name} of run {self.run.pk} overran its timeout")
 
     def _fail_attempt(self, step, error, message, latency, policy, verdict) -> None:
         """Record a retry (and raise ``Suspend`` until it is due) or the step's failure (and
         raise ``StepFailed``)."""
-        if is_retryable(error) and step.attempt - step.interruptions < policy.attempts:
+        if is_retryable(error) and step.failures + 1 < policy.attempts:
             retry_at = timezone.now() + timedelta(seconds=policy.backoff(step.attempt))
             step_finish(
                 step,
@@ -316,7 +316,7 @@ class Context:
             error_type="StepFailed",
             latency_ms=latency,
             verdict=verdict,
-            message=f"{step.name} failed after {step.attempt} attempt(s): {message}",
+            message=f"{step.name} failed after {step.failures + 1} attempt(s): {message}",
         )
         self._account(0, 0)
         raise StepFailed(message, error_type=type(error).__name__)

@@ -3,11 +3,31 @@
 Control signals derive from ``BaseException`` so that an ``except Exception:`` in a workflow
 cannot swallow a suspend, a halt, an exhausted budget or a replay mismatch."""
 
+import sqlite3
+
 from django.db import InterfaceError, OperationalError
 
-# What the database raises when it cannot answer (a dropped connection, a restart, a failover,
-# a deadlock): nothing about the run is decided by it; the run is advanced again later.
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
+# PostgreSQL's SQLSTATE classes and codes of an unavailable server, not of a query: connection
+# exceptions, shutdown and restart, insufficient resources, system errors, and the transaction
+# conflicts (serialization failure, deadlock) that a retry resolves.
+OUTAGE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "58", "40001", "40P01")
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether ``error`` says the database could not answer (a dropped connection, a restart, a
+    failover, a lock held by another writer), as opposed to refusing this query (a statement
+    timeout, a missing table, bad SQL), which is the step's own failure. Nothing about a run is
+    decided by an outage: the run is advanced again once the database answers."""
+    if isinstance(error, InterfaceError):
+        return True
+    if not isinstance(error, OperationalError):
+        return False
+    cause = error.__cause__
+    if isinstance(cause, sqlite3.OperationalError):
+        return "locked" in str(cause) or "busy" in str(cause)
+    sqlstate = getattr(cause, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith(OUTAGE_SQLSTATES)  # None: no server answer
 
 
 class ControlSignal(BaseException):

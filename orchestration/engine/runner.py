@@ -2,13 +2,15 @@
 replay the workflow from the top until it suspends, completes, fails or its slice ends."""
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import DatabaseError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_json
@@ -23,11 +25,12 @@ from orchestration.engine.errors import (
     NonDeterminismError,
     SliceEnded,
     Suspend,
+    is_outage,
 )
 from orchestration.engine.steps import lease_expiry
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import RegistryError, get_workflow
-from orchestration.runs.models import FINAL, Event, Run, RunStatus, Step, StepStatus
+from orchestration.runs.models import FINAL, Event, Run, RunStatus
 from orchestration.runs.realtime import broadcast_run
 
 SLICE_SECONDS = 20.0
@@ -134,52 +137,67 @@ def _advance(ctx: Context, claim: Claim, steps: dict) -> str:
         return _finish(ctx, lease, RunStatus.FAILED, error=f"Non-determinism: {exc}")
     except (RegistryError, CanonicalError) as exc:
         return _finish(ctx, lease, RunStatus.FAILED, error=str(exc))
-    except INFRASTRUCTURE_ERRORS:
-        raise  # the database, not the workflow, failed: the run is not decided by it
     except Exception as exc:
+        if is_outage(exc):
+            raise  # the database, not the workflow, failed: the run is not decided by it
         return _finish(ctx, lease, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
     return _finish(ctx, lease, RunStatus.COMPLETED, result=result)
 
 
 def _interrupted(run_id: int, lease: str, ctx: Context | None, error: str) -> str:
     """The database failed under this slice. Nothing is decided about the run: once the
-    database answers, what the slice finished is recorded, the lease given back and the run
-    marked due shortly (the sweep advances it; the interrupted step runs again under the same
-    idempotency key). If it still does not answer, the lease expires and the sweep takes the
-    run up then."""
+    database answers (tried again for up to half a lease), what the slice finished is recorded,
+    the lease given back and the run marked due shortly; the interrupted step runs again under
+    the same idempotency key. If it does not answer in time, the lease expires and the sweep
+    takes the run up then, costing the slice."""
     log.warning("run %s interrupted by the database (%s); it will be advanced again", run_id, error)
-    connection.close_if_unusable_or_obsolete()
-    try:
-        with transaction.atomic():
-            released = (
-                Run.objects.filter(pk=run_id, lease_owner=lease)
-                .exclude(status__in=FINAL)
-                .update(
-                    lease_owner="",
-                    lease_expires_at=None,
-                    wake_at=timezone.now() + INTERRUPTED_RETRY,
-                    swept_at=None,
-                )
-            )
-            if released and ctx is not None:
-                _record_what_ran(ctx)
-            if released:
-                # The step in flight (started under this lease, not finished) runs again; its
-                # retries do not count this attempt.
-                Step.objects.filter(run_id=run_id, lease=lease, status=StepStatus.STARTED).update(
-                    interruptions=F("interruptions") + 1
-                )
-                last = Event.objects.filter(run_id=run_id).order_by("-id").first()
-                if last is None or last.kind != "run.interrupted":  # one note per outage
-                    Event.objects.create(
-                        run_id=run_id,
-                        kind="run.interrupted",
-                        message=f"Interrupted by the database ({error[:500]}); continuing.",
-                    )
-                transaction.on_commit(lambda: broadcast_run(run_id))
-    except INFRASTRUCTURE_ERRORS:
+    give_up = time.monotonic() + settings.BATON_LEASE_SECONDS / 2
+    delay = 0.1
+    while True:
         connection.close_if_unusable_or_obsolete()
-    return "interrupted"
+        try:
+            _release_interrupted(run_id, lease, ctx, error)
+            return "interrupted"
+        except INFRASTRUCTURE_ERRORS:
+            if time.monotonic() + delay > give_up:
+                connection.close_if_unusable_or_obsolete()
+                return "interrupted"
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _release_interrupted(run_id: int, lease: str, ctx: Context | None, error: str) -> None:
+    with transaction.atomic():
+        released = (
+            Run.objects.filter(pk=run_id, lease_owner=lease)
+            .exclude(status__in=FINAL)
+            .update(
+                lease_owner="",
+                lease_expires_at=None,
+                wake_at=timezone.now() + INTERRUPTED_RETRY,
+                swept_at=None,
+            )
+        )
+        halted = not released and Run.objects.filter(pk=run_id, status=RunStatus.HALTED).exists()
+        if ctx is not None and (released or halted):
+            _record_what_ran(ctx)  # a tool that acted before a halt stays on the record too
+        if released:
+            _note_interruption(run_id, error)
+            transaction.on_commit(lambda: broadcast_run(run_id))
+
+
+def _note_interruption(run_id: int, error: str) -> None:
+    """One timeline entry per spell of interruptions, counting them, so that an outage that
+    lasts shows on the run page without flooding it."""
+    last = Event.objects.filter(run_id=run_id).order_by("-id").first()
+    count = last.data.get("count", 1) + 1 if last and last.kind == "run.interrupted" else 1
+    message = f"Interrupted by the database {count} time(s), last: {error[:500]}; continuing."
+    if count > 1:
+        Event.objects.filter(pk=last.pk).update(message=message, data={"count": count})
+    else:
+        Event.objects.create(
+            run_id=run_id, kind="run.interrupted", message=message, data={"count": 1}
+        )
 
 
 def _record_what_ran(ctx: Context) -> None:
@@ -190,7 +208,11 @@ def _record_what_ran(ctx: Context) -> None:
     try:
         with transaction.atomic():
             ctx.outbox.apply()
-    except (DatabaseError, LeaseLost):
+    except LeaseLost:
+        ctx.outbox.clear()
+    except DatabaseError as exc:
+        if is_outage(exc):
+            raise  # not refused: tried again once the database answers
         ctx.outbox.clear()
 
 
@@ -228,9 +250,9 @@ def _finish(
         try:
             with transaction.atomic():  # the last steps' finishes commit with the run's state
                 ctx.outbox.apply()
-        except INFRASTRUCTURE_ERRORS:
-            raise
         except DatabaseError as exc:
+            if is_outage(exc):
+                raise
             # Whatever the database refused, the run ends, failed, saying why: it never stays
             # running for the sweep to replay the same refused write forever.
             ctx.outbox.clear()

@@ -13,18 +13,20 @@ of the run. ``CanonicalError`` is raised before anything is queued or written.""
 import logging
 import os
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from orchestration.canonical import canonical_json
 from orchestration.engine.errors import Halted, LeaseLost
+from orchestration.engine.timeouts import renewal_thread
 from orchestration.runs.models import Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
 
@@ -73,16 +75,29 @@ class Outbox:
         }
 
     def apply(self, *, run_counters: bool = True) -> None:
-        """Write everything waiting, inside the caller's transaction; fenced by attempt."""
+        """Write everything waiting, inside the caller's transaction; fenced by attempt. What
+        was written leaves the outbox only once that transaction commits: rolled back (a
+        dropped connection), it waits for the next write instead of being lost."""
+        finishes, events = len(self.finishes), len(self.events)
+        tokens, cost, steps = self.tokens, self.cost, self.steps
         for step, fields in self.finishes:
             updated = Step.objects.filter(pk=step.pk, attempt=step.attempt, status__in=OPEN)
             if not updated.update(**fields):
                 raise LeaseLost(f"step {step.seq} of run {step.run_id} was taken over")
         if self.events:
+            for event in self.events:
+                event.pk = None  # a rolled-back insert's id is not reused
             Event.objects.bulk_create(self.events)
         if run_counters and (self.tokens or self.cost or self.steps):
             Run.objects.filter(pk=self.run_id).update(**self.counters())
-        self.clear()
+
+        def written() -> None:
+            del self.finishes[:finishes], self.events[:events]
+            self.tokens -= tokens
+            self.cost -= cost
+            self.steps -= steps
+
+        transaction.on_commit(written)
 
     def clear(self) -> None:
         self.finishes, self.events = [], []
@@ -120,39 +135,78 @@ def lease_fence(*, run_id: int, lease: str) -> None:
 
 
 class LeaseKeeper:
-    """The heartbeat of a step that is executing: renews the run's lease every quarter of it
-    (``beat``), so that however long a step runs, no other worker takes the run meanwhile.
+    """The heartbeat of a step that is executing. The thread waiting for the step's call
+    ``tick``s at least every quarter of the lease: a renewal goes out on the lease thread (so a
+    slow or hung query never delays the next check), and a renewal that came back moves the
+    deadline on. No other worker can take the run while the lease holds.
 
-    Should renewals fail (the database out of reach) until the lease may have expired, or should
+    Should no renewal succeed before the lease may expire (the database out of reach), or should
     another worker hold the run (it expired anyway), the step could be executing in two places:
-    the process stops itself at once (``stop_process``), the only way to stop a running call in
-    Python, and the run continues elsewhere as after any crash."""
+    the process stops itself (``stop_process``), the only way to stop a running call in Python,
+    and the run continues elsewhere as after any crash."""
 
     def __init__(self, run_id: int, lease: str):
         self.run_id, self.lease = run_id, lease
         self.seconds = settings.BATON_LEASE_SECONDS
         self.every = self.seconds / 4
-        # Renewed just before the step began (its start or its fence); a margin for clock skew.
-        self.valid_until = time.monotonic() + self.seconds - self.every
+        # Stop this long before the lease may expire: room for clock skew between workers.
+        self.margin = self.seconds / 8
+        now = time.monotonic()
+        # Renewed just before the step began (its start or its fence).
+        self.valid_until = now + self.seconds - self.margin
+        self._sent_at = now
+        self._renewal: Future | None = None
+        self._refused = "no answer"
+        self._stopped = self._halted = False
 
-    def beat(self) -> None:
-        began = time.monotonic()
-        try:
-            renewed = Run.objects.filter(pk=self.run_id, lease_owner=self.lease).update(
-                lease_expires_at=lease_expiry(timezone.now())
-            )
-            halted = (
-                not renewed and Run.objects.filter(pk=self.run_id, status=RunStatus.HALTED).exists()
-            )
-        except DatabaseError as exc:
-            connection.close_if_unusable_or_obsolete()  # the next beat reconnects
-            if time.monotonic() > self.valid_until:
-                stop_process(f"could not renew the lease of run {self.run_id}: {exc}")
+    def wait(self) -> float:
+        """How long the waiting thread may wait before the next ``tick``."""
+        if self._halted:
+            return self.every
+        due = min(self._sent_at + self.every, self.valid_until)
+        return max(0.0, due - time.monotonic())
+
+    def tick(self) -> None:
+        if self._halted:
+            return  # no lease to keep: nobody else will run this step
+        if self._renewal is not None and self._renewal.done():
+            self._settle(self._renewal)
+            self._renewal = None
+        now = time.monotonic()
+        if now >= self.valid_until:
+            self.stop(f"could not renew the lease of run {self.run_id} ({self._refused})")
             return
+        if self._renewal is None and now >= self._sent_at + self.every:
+            self._sent_at = now
+            self._renewal = renewal_thread().submit(self._renew, now)
+
+    def _renew(self, sent_at: float) -> tuple[float, bool, bool]:
+        close_old_connections()  # a connection the server dropped is replaced
+        renewed = Run.objects.filter(pk=self.run_id, lease_owner=self.lease).update(
+            lease_expires_at=lease_expiry(timezone.now())
+        )
+        halted = (
+            not renewed and Run.objects.filter(pk=self.run_id, status=RunStatus.HALTED).exists()
+        )
+        return sent_at, bool(renewed), halted
+
+    def _settle(self, renewal: Future) -> None:
+        try:
+            sent_at, renewed, halted = renewal.result()
+        except DatabaseError as exc:
+            self._refused = f"{type(exc).__name__}: {exc}"
+            return  # the next renewal tries again, on a new connection
         if renewed:
-            self.valid_until = began + self.seconds - self.every
-        elif not halted:  # a halt ends the lease, and meets the call already running
-            stop_process(f"run {self.run_id} is leased to another worker")
+            self.valid_until = sent_at + self.seconds - self.margin
+        elif halted:
+            self._halted = True
+        else:  # a halt ends the lease, and meets the call already running
+            self.stop(f"run {self.run_id} is leased to another worker")
+
+    def stop(self, why: str) -> None:
+        if not self._stopped:  # once: the process ends here (unless a test records it)
+            self._stopped = True
+            stop_process(why)
 
 
 def stop_process(why: str) -> None:
@@ -249,6 +303,8 @@ def step_finish(
         "finished_at": timezone.now(),
         "next_attempt_at": next_attempt_at,
     }
+    if status in {StepStatus.RETRYING, StepStatus.FAILED}:
+        fields["failures"] = F("failures") + 1  # what retries count: not interruptions, not crashes
     if labels is not None:
         fields["labels"] = labels
     if verdict is not None:
@@ -271,6 +327,8 @@ def step_finish(
         )
     if not defer:
         outbox.flush()
+    if "failures" in fields:
+        step.failures += 1
     step.status = status
     step.output = output
     step.error = error

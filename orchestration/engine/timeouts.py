@@ -1,7 +1,7 @@
 """Calls with a deadline and a heartbeat. The call runs on a long-lived helper thread (so its
 database connection is reused across steps, checked before each call and replaced if the server
 dropped it); the calling thread waits and beats the heartbeat (renewing the run's lease) while
-it runs. A call that overruns is abandoned with its thread, which gets replaced (``CallTimedOut``).
+it runs. A call that overruns is abandoned with its thread, which gets replaced (``CallAbandoned``).
 Python cannot kill a thread: the abandoned call may still be running, and the engine gives it a
 grace period to end before its step may run again (see ``Context._execute``)."""
 
@@ -17,6 +17,19 @@ from django.db import close_old_connections
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+
+
+_renewals: ThreadPoolExecutor | None = None
+
+
+def renewal_thread() -> ThreadPoolExecutor:
+    """The thread that renews leases while steps run (``LeaseKeeper``), apart from the waiting
+    thread so that a slow renewal never delays the check of the lease's deadline."""
+    global _renewals
+    with _lock:
+        if _renewals is None:
+            _renewals = ThreadPoolExecutor(1, thread_name_prefix="baton-lease")
+        return _renewals
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -35,21 +48,23 @@ def _abandon(pool: ThreadPoolExecutor) -> None:
     pool.shutdown(wait=False)
 
 
-class CallTimedOut(TimeoutError):
-    """A call overran its deadline and was abandoned; it may still be running."""
+class CallAbandoned(TimeoutError):
+    """The waiting thread stopped waiting for a call (its deadline passed, or the task's time
+    limit interrupted the wait) that may still be running."""
 
     def __init__(self, message: str, future: Future):
         super().__init__(message)
         self.future = future
 
-    def ended(self, *, grace: float, heartbeat: Callable[[], None] | None, every: float) -> bool:
-        """Wait up to ``grace`` seconds (beating) for the abandoned call to end."""
+    def ended(self, *, grace: float, keeper=None) -> bool:
+        """Wait up to ``grace`` seconds (keeping the lease) for the abandoned call to end."""
         deadline = time.monotonic() + grace
         while not self.future.done() and time.monotonic() < deadline:
-            with suppress(FutureTimeout, Exception):
-                self.future.result(timeout=min(every, max(deadline - time.monotonic(), 0)))
-            if heartbeat and not self.future.done():
-                heartbeat()
+            wait = deadline - time.monotonic()
+            with suppress(Exception):  # its outcome is not ours any more; only its end is
+                self.future.result(timeout=max(min(wait, keeper.wait() if keeper else wait), 0))
+            if keeper is not None and not self.future.done():
+                keeper.tick()
         return self.future.done()
 
 
@@ -61,28 +76,29 @@ def _with_fresh_connections(fn: Callable[[], Any]) -> Callable[[], Any]:
     return call
 
 
-def call_with_timeout(
-    fn: Callable[[], Any],
-    timeout: float,
-    *,
-    what: str,
-    heartbeat: Callable[[], None] | None = None,
-    every: float = 1.0,
-) -> Any:
-    """``fn()`` on the helper thread, waiting at most ``timeout`` seconds; while it runs,
-    ``heartbeat()`` is called every ``every`` seconds on this thread."""
+def call_with_timeout(fn: Callable[[], Any], timeout: float, *, what: str, keeper=None) -> Any:
+    """``fn()`` on the helper thread, waiting at most ``timeout`` seconds; while it runs the
+    ``keeper`` (a ``LeaseKeeper``) ticks. Raises ``CallAbandoned`` if this thread stops waiting
+    while the call runs on."""
     pool = _pool()
     future = pool.submit(_with_fresh_connections(fn))
     deadline = time.monotonic() + timeout
     while True:
         remaining = deadline - time.monotonic()
+        wait = min(remaining, keeper.wait()) if keeper is not None else remaining
         try:
-            return future.result(timeout=max(min(remaining, every) if heartbeat else remaining, 0))
+            return future.result(timeout=max(wait, 0))
         except FutureTimeout:
             if time.monotonic() >= deadline:
                 _abandon(pool)
-                raise CallTimedOut(f"{what} timed out after {timeout:g}s", future) from None
-            heartbeat()
+                raise CallAbandoned(f"{what} timed out after {timeout:g}s", future) from None
+            if keeper is not None:
+                keeper.tick()
+        except Exception as exc:
+            if future.done():
+                raise  # the call's own error
+            _abandon(pool)  # raised into this thread while waiting (a task's time limit)
+            raise CallAbandoned(f"{what} was abandoned: {type(exc).__name__}", future) from exc
 
 
 def close_helper_connections() -> None:
@@ -90,6 +106,6 @@ def close_helper_connections() -> None:
     from django.db import connections
 
     with _lock:
-        pool = _executor
-    if pool is not None:
+        pools = [pool for pool in (_executor, _renewals) if pool is not None]
+    for pool in pools:
         pool.submit(connections.close_all).result(timeout=10)

@@ -105,8 +105,9 @@ class Step(models.Model):
     error_type = models.CharField(max_length=80, blank=True)
     status = models.CharField(max_length=20, choices=StepStatus.choices)
     attempt = models.PositiveIntegerField(default=1)
-    # Attempts the database interrupted (not the step's failures): retries do not count them.
-    interruptions = models.PositiveIntegerField(default=0)
+    # The attempts that failed (recorded as retrying or failed): what the retry policy counts.
+    # Attempts a crash or a database outage cut short are not failures of the step.
+    failures = models.PositiveIntegerField(default=0)
     lease = models.CharField(max_length=64, blank=True, help_text="the run lease that started it")
     idempotency_key = models.CharField(max_length=80)
     tokens = models.PositiveIntegerField(default=0)
