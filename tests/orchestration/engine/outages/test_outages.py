@@ -93,7 +93,7 @@ def effects(label: str) -> int:
 def describe(run_id: int) -> str:
     run = Run.objects.get(pk=run_id)
     rows = [
-        (s.seq, s.name, s.status, s.attempt, s.interruptions, s.error[:80])
+        (s.seq, s.name, s.status, s.attempt, s.failures, s.error[:80])
         for s in run.step_set.order_by("seq")
     ]
     kinds = list(run.events.order_by("id").values_list("kind", flat=True))

@@ -3,14 +3,17 @@ from django.db.models import F
 
 
 def count_past_failures(apps, schema_editor):
-    """Steps that already failed or wait for a retry: each of their attempts counted, until now."""
+    """Steps that failed or wait for a retry: until now retries counted their attempts less
+    those the database interrupted."""
     Step = apps.get_model("orchestration", "Step")
-    Step.objects.filter(status__in=["retrying", "failed"]).update(failures=F("attempt"))
+    Step.objects.filter(status__in=["retrying", "failed"]).update(
+        failures=F("attempt") - F("interruptions")
+    )
 
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("orchestration", "0011_ledger_linked_appends"),
+        ("orchestration", "0012_step_interruptions"),
     ]
 
     operations = [
@@ -20,4 +23,5 @@ class Migration(migrations.Migration):
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.RunPython(count_past_failures, migrations.RunPython.noop),
+        migrations.RemoveField(model_name="step", name="interruptions"),
     ]
