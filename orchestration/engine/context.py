@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import jsonschema
+from django.db import connection
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_args, canonical_json, sha256_hex
@@ -33,6 +34,7 @@ from orchestration.engine.errors import (
     Suspend,
     ToolUnavailable,
     WorkflowError,
+    WorkflowMisuse,
     is_outage,
 )
 from orchestration.engine.retry import RETRY_POLICIES, is_retryable
@@ -52,6 +54,7 @@ from orchestration.runs.models import Event, Run, Step, StepKind, StepStatus
 
 DONE = {StepStatus.COMPLETED, StepStatus.FAILED}
 OVERRUN_GRACE_SECONDS = 5.0  # how long a call that overran its timeout has to end by itself
+CUT_SHORT_LIMIT = 10  # attempts of one step cut short (crashes, outages) before it fails
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,21 @@ class Acting:
 
 
 def _interruptible(method: Callable) -> Callable:
-    """An authoring call during which the database fails raises ``Interrupted``, a control
-    signal: an ``except Exception`` in workflow code, or an agent loop, cannot take the engine's
-    own failure (its step records, the gate's queries, a tool's connection) for the step's
-    result and carry on without it."""
+    """An authoring call whose database work could not complete (the engine's step records and
+    fences, the gate's queries: a dropped connection, a lock not granted, a cancelled query)
+    raises ``Interrupted``, a control signal: an ``except Exception`` in workflow code, or an
+    agent loop, can never take the engine's trouble for the step's result and carry on without
+    the step. (A tool's own errors are the step's result, handled in ``_execute``; data the
+    database refuses to store still fails the run.) A step cut short again and again is bounded
+    by ``CUT_SHORT_LIMIT``."""
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        self._outside_workflow_transactions()
         try:
             return method(self, *args, **kwargs)
         except INFRASTRUCTURE_ERRORS as exc:
-            if is_outage(exc):
-                raise Interrupted(f"{type(exc).__name__}: {exc}") from exc
-            raise
+            raise Interrupted(f"{type(exc).__name__}: {exc}") from exc
 
     return call
 
@@ -92,6 +97,7 @@ class Context:
         self._calls: Counter[str] = Counter()  # loop detection: tool + canonical arguments
         self._acting: Acting | None = None
         self._limit: frozenset[str] | None = None
+        self._atomic_depth = len(connection.atomic_blocks)  # the slice's own, if any
         self.labels: set[str] = set()
         self._tokens = sum(s.tokens for s in steps.values())
         self._cost = float(sum(s.cost_usd for s in steps.values()))
@@ -213,6 +219,15 @@ class Context:
             budget: max((self.run.budgets or {}).get(budget, 0), limit * 2),
         }
 
+    def _outside_workflow_transactions(self) -> None:
+        """Steps commit on their own: a ``ctx`` call inside a transaction the workflow opened
+        would have its records rolled back with it."""
+        if len(connection.atomic_blocks) > self._atomic_depth:
+            raise WorkflowMisuse(
+                "ctx calls cannot run inside a transaction the workflow opened "
+                "(transaction.atomic): each step commits on its own"
+            )
+
     def _start(
         self,
         seq: int,
@@ -225,6 +240,8 @@ class Context:
         events: list[tuple[str, str, dict]] | None = None,
         **kw,
     ) -> Step:
+        if step is not None and step.status == StepStatus.STARTED:
+            self._give_up_if_cut_short(step)
         if step is None:
             attempt = 1
         elif step.status == StepStatus.WAITING:
@@ -248,6 +265,24 @@ class Context:
         )
         self._steps[seq] = started
         return started
+
+    def _give_up_if_cut_short(self, step: Step) -> None:
+        """A step whose attempts keep being cut short (its worker killed, the database failing
+        under it) without one failure or success recorded is not tried forever."""
+        cut_short = step.attempt - step.failures
+        if cut_short < CUT_SHORT_LIMIT:
+            return
+        message = f"{step.name} was cut short {cut_short} times (crashes or database outages)"
+        step_finish(
+            step,
+            outbox=self.outbox,
+            status=StepStatus.FAILED,
+            error=message,
+            error_type="StepFailed",
+            message=message,
+        )
+        self._account(0, 0)
+        raise StepFailed(message)
 
     def _account(self, tokens: int, cost: float) -> None:
         self._tokens += tokens

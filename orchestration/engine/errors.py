@@ -8,10 +8,24 @@ import sqlite3
 from django.db import InterfaceError, OperationalError
 
 INFRASTRUCTURE_ERRORS = (OperationalError, InterfaceError)
-# PostgreSQL's SQLSTATE classes and codes of an unavailable server, not of a query: connection
-# exceptions, shutdown and restart, insufficient resources, system errors, and the transaction
-# conflicts (serialization failure, deadlock) that a retry resolves.
-OUTAGE_SQLSTATES = ("08", "53", "57P01", "57P02", "57P03", "58", "40001", "40P01")
+# PostgreSQL's SQLSTATEs of a server that could not answer, not of a refused query: connection
+# exceptions, a server out of disk, memory or connections, sessions ended by a shutdown, a
+# restart or an idle timeout, and the conflicts with other sessions (serialization failure,
+# deadlock, a lock not granted in time) that trying again resolves.
+OUTAGE_SQLSTATES = (
+    "08",
+    "53100",
+    "53200",
+    "53300",
+    "57P01",
+    "57P02",
+    "57P03",
+    "57P05",
+    "25P03",
+    "40001",
+    "40P01",
+    "55P03",
+)
 
 
 def is_outage(error: BaseException) -> bool:
@@ -59,6 +73,11 @@ class Interrupted(ControlSignal):
     """The engine's database failed under a step (its own queries, or a tool's on the same
     server): the step is neither failed nor retried as a failure; the run is left for a worker
     to advance again, which re-executes the step with the same idempotency key."""
+
+
+class WorkflowMisuse(ControlSignal):
+    """Workflow code used the engine in a way it cannot keep its promises under (a ``ctx`` call
+    inside a transaction the workflow opened): the run fails, saying why."""
 
 
 class BudgetExceeded(ControlSignal):

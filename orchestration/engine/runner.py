@@ -25,6 +25,7 @@ from orchestration.engine.errors import (
     NonDeterminismError,
     SliceEnded,
     Suspend,
+    WorkflowMisuse,
     is_outage,
 )
 from orchestration.engine.steps import lease_expiry
@@ -104,6 +105,8 @@ def run_advance(run_id: int, *, slice_seconds: float = SLICE_SECONDS) -> str:
         steps = {step.seq: step for step in run.step_set.all()}
         ctx = Context(run, steps, lease=claim.lease, slice_seconds=slice_seconds)
         return _advance(ctx, claim, steps)
+    except LeaseLost:  # from _finish: a newer attempt of a step is another worker's
+        return "stopped"
     except Interrupted as signal:
         return _interrupted(run_id, claim.lease, ctx, str(signal))
     except INFRASTRUCTURE_ERRORS as exc:
@@ -135,6 +138,8 @@ def _advance(ctx: Context, claim: Claim, steps: dict) -> str:
         return _finish(ctx, lease, RunStatus.FAILED, error=f"Budget exhausted: {exc}")
     except NonDeterminismError as exc:
         return _finish(ctx, lease, RunStatus.FAILED, error=f"Non-determinism: {exc}")
+    except WorkflowMisuse as exc:
+        return _finish(ctx, lease, RunStatus.FAILED, error=str(exc))
     except (RegistryError, CanonicalError) as exc:
         return _finish(ctx, lease, RunStatus.FAILED, error=str(exc))
     except Exception as exc:

@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -134,6 +134,9 @@ def lease_fence(*, run_id: int, lease: str) -> None:
         _extend_lease(Outbox(run_id), lease, timezone.now())
 
 
+POLL_SECONDS = 0.05  # how often the waiting thread looks for a renewal's answer
+
+
 class LeaseKeeper:
     """The heartbeat of a step that is executing. The thread waiting for the step's call
     ``tick``s at least every quarter of the lease: a renewal goes out on the lease thread (so a
@@ -160,11 +163,14 @@ class LeaseKeeper:
         self._stopped = self._halted = False
 
     def wait(self) -> float:
-        """How long the waiting thread may wait before the next ``tick``."""
+        """How long the waiting thread may wait before the next ``tick``: the next renewal, the
+        deadline, or (a renewal in flight) a short poll for its answer."""
         if self._halted:
             return self.every
-        due = min(self._sent_at + self.every, self.valid_until)
-        return max(0.0, due - time.monotonic())
+        now = time.monotonic()
+        if self._renewal is not None:
+            return max(0.0, min(now + POLL_SECONDS, self.valid_until) - now)
+        return max(0.0, min(self._sent_at + self.every, self.valid_until) - now)
 
     def tick(self) -> None:
         if self._halted:
@@ -193,7 +199,7 @@ class LeaseKeeper:
     def _settle(self, renewal: Future) -> None:
         try:
             sent_at, renewed, halted = renewal.result()
-        except DatabaseError as exc:
+        except Exception as exc:  # a database error, an InterfaceError, anything: not renewed
             self._refused = f"{type(exc).__name__}: {exc}"
             return  # the next renewal tries again, on a new connection
         if renewed:

@@ -79,7 +79,8 @@ def _with_fresh_connections(fn: Callable[[], Any]) -> Callable[[], Any]:
 def call_with_timeout(fn: Callable[[], Any], timeout: float, *, what: str, keeper=None) -> Any:
     """``fn()`` on the helper thread, waiting at most ``timeout`` seconds; while it runs the
     ``keeper`` (a ``LeaseKeeper``) ticks. Raises ``CallAbandoned`` if this thread stops waiting
-    while the call runs on."""
+    while the call runs on: its deadline passed, or anything was raised into this thread (a
+    task's time limit, the keeper's own trouble) before the call ended."""
     pool = _pool()
     future = pool.submit(_with_fresh_connections(fn))
     deadline = time.monotonic() + timeout
@@ -87,18 +88,20 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float, *, what: str, keepe
         remaining = deadline - time.monotonic()
         wait = min(remaining, keeper.wait()) if keeper is not None else remaining
         try:
-            return future.result(timeout=max(wait, 0))
-        except FutureTimeout:
-            if time.monotonic() >= deadline:
-                _abandon(pool)
-                raise CallAbandoned(f"{what} timed out after {timeout:g}s", future) from None
-            if keeper is not None:
-                keeper.tick()
+            try:
+                return future.result(timeout=max(wait, 0))
+            except FutureTimeout:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{what} timed out after {timeout:g}s") from None
+                if keeper is not None:
+                    keeper.tick()
         except Exception as exc:
-            if future.done():
+            if future.done() and exc is future.exception():
                 raise  # the call's own error
-            _abandon(pool)  # raised into this thread while waiting (a task's time limit)
-            raise CallAbandoned(f"{what} was abandoned: {type(exc).__name__}", future) from exc
+            _abandon(pool)
+            timed_out = isinstance(exc, TimeoutError)
+            message = str(exc) if timed_out else f"{what} was abandoned: {type(exc).__name__}"
+            raise CallAbandoned(message, future) from exc
 
 
 def close_helper_connections() -> None:

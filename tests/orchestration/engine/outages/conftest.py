@@ -10,19 +10,19 @@ from orchestration.engine import steps, timeouts
 from orchestration.engine.timeouts import close_helper_connections
 from orchestration.runs.models import Run
 from tests.orchestration.engine.conftest import gate, puppet  # noqa: F401
-from tests.orchestration.engine.outages import workflows
+from tests.orchestration.engine.outages import refusals, workflows
 
 
 @pytest.fixture(autouse=True)
 def _reset():
     workflows.reset()
+    refusals.reset()
     yield
     workflows.RELEASE.set()
 
 
 class Stops(list):
-    """``stop_process`` calls, recorded in both modules that call it (``steps`` and
-    ``context``): (monotonic time, worker, why, the run's lease owner at that moment). Like
+    """``stop_process`` calls: (monotonic time, worker, why, the run's lease owner then). Like
     ``os._exit``, nothing runs after it in the calling thread: it raises ``Died``."""
 
     def __call__(self, why: str) -> None:

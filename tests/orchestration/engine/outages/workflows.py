@@ -146,7 +146,7 @@ def deterministic_database_error() -> None:
             cursor.execute("SET LOCAL statement_timeout = '20ms'")
             cursor.execute("SELECT pg_sleep(0.2)")
         else:
-            cursor.execute("SELECT * FROM attack_no_such_table")
+            cursor.execute("SELECT * FROM outage_no_such_table")
 
 
 @tool("outage.report", side_effect="read", schema=LABEL)
