@@ -21,10 +21,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/python -m config.launch
 
-## test: lint and run the whole test suite
+## test: lint, check the import layers and run the whole test suite
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## redteam: the full red-team suite (every attack and benign task; prints its figures)

@@ -16,7 +16,7 @@ from django.db import connection
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_args, canonical_json, sha256_hex
-from orchestration.engine import faults
+from orchestration.engine import faults, handoffs
 from orchestration.engine.errors import (
     INFRASTRUCTURE_ERRORS,
     REPLAYABLE,
@@ -726,8 +726,6 @@ class Context:
     def handoff(self, agent, *, goal: str, context: dict | None = None) -> Any:
         """Hand a goal to another agent in a child run; its usable tools are the intersection
         of this run's and the callee's. This run waits durably for the child's result."""
-        from orchestration.runs.services import run_start_child
-
         callee = _agent(agent)
         name = f"handoff to {callee.name}"
         seq, step = self._next(StepKind.HANDOFF, name)
@@ -744,7 +742,7 @@ class Context:
                 status=StepStatus.WAITING,
                 message=f"Handed off to {callee.name}: {goal}",
             )
-        child = run_start_child(
+        child = handoffs.run_start_child(
             parent=self.run,
             step_seq=seq,
             agent=callee,

@@ -16,6 +16,7 @@ from django.utils import timezone
 from orchestration.canonical import CanonicalError, canonical_json
 from orchestration.engine import faults
 from orchestration.engine.context import Context
+from orchestration.engine.dispatch import enqueue_on_commit
 from orchestration.engine.errors import (
     INFRASTRUCTURE_ERRORS,
     BudgetExceeded,
@@ -240,8 +241,6 @@ def _finish(
     note: str = "",
     requeue: bool = False,
 ) -> str:
-    from orchestration.runs.services import enqueue_on_commit
-
     run = ctx.run
     faults.point(faults.FINISHING, run.pk)
     with transaction.atomic():

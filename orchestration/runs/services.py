@@ -1,8 +1,6 @@
 """Starting, halting, retrying and resuming runs. Each write is one transaction with its ledger
 record; the worker is told after commit."""
 
-import logging
-from collections.abc import Collection
 from typing import Any
 
 import jsonschema
@@ -11,7 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from orchestration.canonical import CanonicalError, canonical_json
-from orchestration.engine.errors import Halted
+from orchestration.engine.dispatch import enqueue_on_commit
 from orchestration.gate import get_gate
 from orchestration.ledger.chain import ledger_append
 from orchestration.registry.declare import get_workflow
@@ -19,8 +17,6 @@ from orchestration.registry.models import Agent, AgentStatus
 from orchestration.runs.access import run_access
 from orchestration.runs.models import FINAL, Event, Run, RunStatus, Step, StepStatus
 from orchestration.runs.realtime import broadcast_run
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BUDGETS = {
     "max_steps": 200,
@@ -33,20 +29,6 @@ DEFAULT_BUDGETS = {
 
 class RunError(ValidationError):
     """A run that cannot be started or changed; the message says why."""
-
-
-def enqueue_on_commit(run_id: int) -> None:
-    """After commit, tell a worker. A message that cannot be published is not an error: the
-    run is committed, and beat's reaper enqueues pending runs whose message was lost."""
-    from orchestration.tasks import advance_run
-
-    def send() -> None:
-        try:
-            advance_run.delay(run_id)
-        except Exception as exc:
-            log.warning("could not enqueue run %s (%s); the reaper will start it", run_id, exc)
-
-    transaction.on_commit(send)
 
 
 def _input_errors(schema: dict, data: Any) -> list[str]:
@@ -113,56 +95,6 @@ def run_start(
 
 def _missing_agent(name: str):
     raise RunError(f"No agent named {name!r}.")
-
-
-def run_start_child(
-    *,
-    parent: Run,
-    step_seq: int,
-    agent: Agent,
-    goal: str,
-    context: dict,
-    caller_tools: Collection[str],
-) -> Run:
-    """The child run of a handoff, created once per (parent, step). Its usable tools are the
-    intersection of the caller's (what the parent may use where it hands off) and the
-    callee's ceiling. Raises ``Halted`` if the parent was halted meanwhile."""
-    existing = Run.objects.filter(parent=parent, parent_step_seq=step_seq).first()
-    if existing is not None:
-        return existing
-    callee_tools = set(agent.tools.values_list("name", flat=True))
-    with transaction.atomic():
-        # The parent's row first: a child is created before a halt of the parent (whose
-        # cascade then halts it) or not at all.
-        locked = Run.objects.select_for_update().get(pk=parent.pk)
-        if locked.status == RunStatus.HALTED:
-            raise Halted(locked.halt_reason)
-        child = Run.objects.create(
-            workflow="_agent.task",
-            workflow_version=1,
-            agent=agent,
-            input={"goal": goal, "context": context},
-            intent={**parent.intent, "goal": goal},
-            budgets=agent.budgets(),
-            allowed_tools=sorted(set(caller_tools) & callee_tools),
-            parent=parent,
-            parent_step_seq=step_seq,
-            started_by=parent.started_by,
-        )
-        Event.objects.create(
-            run=child, kind="run.created", message=f"Handed off from run {parent.pk}: {goal}"
-        )
-        ledger_append(
-            "run.created",
-            actor="engine",
-            run_id=child.pk,
-            agent_id=agent.pk,
-            workflow="_agent.task",
-            outcome="created",
-            payload={"workflow": "_agent.task", "parent": parent.pk},
-        )
-        enqueue_on_commit(child.pk)
-    return child
 
 
 def run_halt(*, run: Run | int, by, reason: str) -> Run:

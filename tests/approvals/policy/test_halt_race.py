@@ -114,15 +114,15 @@ def halt_handoff(ctx) -> dict:
 
 
 def test_no_child_run_starts_for_a_parent_halted_meanwhile(policy_gate, monkeypatch):
-    from orchestration.runs import services
+    from orchestration.engine import handoffs
 
-    start_child = services.run_start_child
+    start_child = handoffs.run_start_child
 
     def halted_first(*, parent, **kwargs):
         halt(parent.pk)
         return start_child(parent=parent, **kwargs)
 
-    monkeypatch.setattr(services, "run_start_child", halted_first)
+    monkeypatch.setattr(handoffs, "run_start_child", halted_first)
     run = run_start(workflow="test.halt_handoff", agent="refund-bot", input={})
     assert run_advance(run.pk) == "stopped"
     assert Run.objects.get(pk=run.pk).status == "halted"
