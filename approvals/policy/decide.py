@@ -157,7 +157,7 @@ def build_context(
             "labels_produced": [],
         }
     agent = agent or acting_agent(action, run)
-    taint = run_taint(run.pk, args, step_seq=action.step_seq)
+    taint = run_taint(run.pk, args, step_seq=action.step_seq, tools=policy.tools)
     data = {
         "action": {
             "tool": action.tool,

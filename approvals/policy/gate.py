@@ -41,6 +41,7 @@ def _verdict(outcome: str, decision: Decision, **extra) -> Verdict:
         shadow_rules=decision.shadow_rules,
         policy_version=decision.policy_version,
         obligations=decision.obligations,
+        labels=decision.input.get("tool", {}).get("labels_produced"),
         **extra,
     )
 

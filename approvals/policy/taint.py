@@ -148,13 +148,20 @@ def _subject(name: str, output: Any) -> str | None:
     return value.strip().translate(_ASCII_LOWER) if isinstance(value, str) else None
 
 
-def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None) -> Taint:
+def run_taint(
+    run_id: int,
+    args: dict[str, Any],
+    *,
+    step_seq: int | None = None,
+    tools: dict[str, dict[str, Any]] | None = None,
+) -> Taint:
     """The run's labelled data, from one query over the steps of the run and its descendants
     (plus one per level to find them): what a handoff's child run read comes back with its
     result, so it is the parent's too, and whose data it was is known from the child's steps.
     A tool step that is executing (its output not yet recorded) counts as having read the
-    labels its tool produces, about no one known; the step being decided (``step_seq``, marked
-    started before its review) has read nothing yet."""
+    labels its tool produces (as ``tools``, the deciding policy's, knows it), about no one
+    known; the step being decided (``step_seq``, marked started before its review) has read
+    nothing yet."""
     executing = Q(kind=StepKind.TOOL, status__in=(StepStatus.STARTED, StepStatus.RETRYING))
     rows = (
         Step.objects.filter(run_id__in=run_subtree(run_id))
@@ -168,8 +175,7 @@ def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None)
     subjects: set[str | None] = set()
     for kind, name, status, output, labels in rows:
         if status != StepStatus.COMPLETED:
-            definition = TOOLS.get(name)
-            labels, output = list(definition.labels_produced) if definition else [], None
+            labels, output = _produces(name, tools or {}), None
         if not labels:
             continue
         touched.update(labels)
@@ -181,3 +187,11 @@ def run_taint(run_id: int, args: dict[str, Any], *, step_seq: int | None = None)
     everyone = tuple(sorted(subject or "" for subject in subjects))
     only = next(iter(subjects)) if len(subjects) == 1 else None
     return Taint(frozenset(touched), frozenset(carried), only or "", everyone)
+
+
+def _produces(tool: str, tools: dict[str, dict[str, Any]]) -> list[str]:
+    """The labels ``tool``'s result carries: as the policy knows it, else as its code declares."""
+    if tool in tools:
+        return list(tools[tool].get("labels_produced", []))
+    definition = TOOLS.get(tool)
+    return list(definition.labels_produced) if definition else []

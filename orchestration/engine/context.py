@@ -659,7 +659,11 @@ class Context:
             timeout=definition.timeout,
             verdict=record,
         )
-        labels = sorted(set(definition.labels_produced))
+        # What its result carries as the gate knows the tool: an admin's edit of the tool's
+        # labels taints the run exactly as the policy that decided says.
+        labels = sorted(
+            set(definition.labels_produced if verdict.labels is None else verdict.labels)
+        )
         step_finish(
             started,
             outbox=self.outbox,

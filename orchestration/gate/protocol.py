@@ -47,6 +47,9 @@ class Verdict:
     shadow_rules: list[str] = field(default_factory=list)  # matched, recorded, never decisive
     policy_version: int | None = None
     obligations: dict[str, Any] | None = None
+    # The labels the tool's result carries as the deciding policy knows the tool (an admin may
+    # have changed its declaration); None: the tool's declaration in code.
+    labels: list[str] | None = None
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)

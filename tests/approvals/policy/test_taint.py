@@ -215,3 +215,46 @@ def test_what_a_child_run_read_is_the_parents_too(settings, demo, monkeypatch, t
     assert parent.status == "waiting" and not Email.objects.exists()
     request = ApprovalRequest.objects.get(run_id=parent.pk)
     assert request.verdict["rules"] == ["Customer data leaving the company"]
+
+
+@workflow("_diagnose_then_mail")
+def diagnose_then_mail(ctx, to: str) -> dict:
+    """Run diagnostics, then mail what they said."""
+    found = ctx.tool("infra.diagnostics", service="billing")
+    try:
+        ctx.tool("email.send", to=to, subject="fyi", body=str(found))
+    except ActionDenied as denied:
+        return {"sent": False, "why": denied.reason}
+    return {"sent": True}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_tool_an_admin_marks_as_returning_secrets_taints_the_run(settings, demo):
+    """The code declares no labels for diagnostics; an admin marks its output secret and
+    publishes. The engine labels what the step returned as the policy knows the tool, so what
+    the run sends next is judged as carrying a secret."""
+    from approvals.policy.services import policy_publish
+
+    settings.BATON_GATE = "approvals.policy.gate.PolicyGate"
+    agent = demo["infra-agent"]
+    agent.tools.add(Tool.objects.get(name="email.send"))
+    grant_create(agent=agent, tool_pattern="email.send", by="test")
+
+    def mail_diagnostics() -> Run:
+        run = run_start(
+            workflow="_diagnose_then_mail", agent="infra-agent", input={"to": "ops@baton.example"}
+        )
+        return drive(run.pk)
+
+    before = mail_diagnostics()
+    assert before.result == {"sent": True}
+    assert before.step_set.get(seq=1).labels == []
+
+    Tool.objects.filter(name="infra.diagnostics").update(
+        labels_produced=["secret"], risk_overridden=True
+    )
+    policy_publish(by="policy-admin")
+    after = mail_diagnostics()
+    assert after.step_set.get(seq=1).labels == ["secret"]
+    assert after.result["sent"] is False and "Secrets never leave" in after.result["why"]
+    assert Email.objects.count() == 1  # the first run's, before the tool was marked
