@@ -21,7 +21,7 @@ from approvals.policy.risk import risk_score
 from approvals.policy.taint import run_taint
 from orchestration.canonical import action_hash, canonical_args
 from orchestration.gate import Action
-from orchestration.registry.declare import RegistryError, get_workflow
+from orchestration.registry.declare import POLICY_RISK_FIELDS, RegistryError, get_workflow
 from orchestration.registry.models import Agent, AgentStatus
 from orchestration.runs.models import Run
 
@@ -144,11 +144,7 @@ def build_context(
     args = canonical_args(action.args)
     tool_meta = policy.tools.get(action.tool)
     if tool_meta is None:  # declared after the last publish: its live metadata
-        row = (
-            Tool.objects.filter(name=action.tool)
-            .values("side_effect", "impact", "reversible", "labels_read", "labels_produced")
-            .first()
-        )
+        row = Tool.objects.filter(name=action.tool).values(*POLICY_RISK_FIELDS).first()
         tool_meta = row or {
             "side_effect": "other",
             "impact": 2,
@@ -170,10 +166,7 @@ def build_context(
         "args": args,
         "tool": {
             "name": action.tool,
-            **{
-                k: tool_meta[k]
-                for k in ("side_effect", "impact", "reversible", "labels_read", "labels_produced")
-            },
+            **{k: tool_meta[k] for k in POLICY_RISK_FIELDS},
         },
         "agent": _agent_context(agent, action.agent),
         "run": {

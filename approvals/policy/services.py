@@ -15,10 +15,8 @@ from approvals.policy.compiled import matches
 from approvals.policy.models import ArgumentFactor, AutonomyThreshold, Grant, PolicyVersion, Rule
 from approvals.queue.models import ApprovalRequest
 from orchestration.ledger.chain import ledger_append
-from orchestration.registry.declare import TOOLS
+from orchestration.registry.declare import POLICY_RISK_FIELDS, TOOLS
 from orchestration.registry.models import Agent, Tool
-
-TOOL_RISK = ("side_effect", "impact", "reversible", "labels_read", "labels_produced")
 
 
 def args_schemas(tool_patterns: list[str]) -> list[dict]:
@@ -75,9 +73,7 @@ def draft_snapshot() -> dict[str, Any]:
             }
             for t in AutonomyThreshold.objects.all()
         },
-        "tools": {
-            t["name"]: {k: t[k] for k in TOOL_RISK} for t in Tool.objects.values("name", *TOOL_RISK)
-        },
+        "tools": {t.pop("name"): t for t in Tool.objects.values("name", *POLICY_RISK_FIELDS)},
     }
 
 

@@ -158,6 +158,10 @@ def latest_workflows() -> list[WorkflowDef]:
     return list(latest.values())
 
 
+# What a published policy keeps of each tool: what the gate scores it by and the labels its
+# results carry (the engine records those).
+POLICY_RISK_FIELDS = ("side_effect", "impact", "reversible", "labels_read", "labels_produced")
+# Everything an admin may override, which a sync of the registry then leaves alone.
 RISK_FIELDS = (
     "side_effect",
     "impact",
