@@ -204,9 +204,9 @@ class LeaseKeeper:
             return  # the next renewal tries again, on a new connection
         if renewed:
             self.valid_until = sent_at + self.seconds - self.margin
-        elif halted:
+        elif halted:  # a halt ends the lease, and meets the call already running
             self._halted = True
-        else:  # a halt ends the lease, and meets the call already running
+        else:  # the lease lapsed and another worker took the run
             self.stop(f"run {self.run_id} is leased to another worker")
 
     def stop(self, why: str) -> None:
