@@ -18,7 +18,7 @@ from approvals.queue import transitions
 from approvals.queue.models import OPEN, ApprovalRequest, RequestKind, RequestStatus
 from approvals.queue.transitions import DEADLINE
 from orchestration.ledger.chain import ledger_append
-from orchestration.runs.services import RunError, run_halt, run_resume
+from orchestration.runs.services import RunError, halt_within_transaction, resume_within_transaction
 
 WARN_FRACTION = 0.2
 WARN_AT_MOST = timedelta(minutes=5)
@@ -99,7 +99,9 @@ def request_expire(request_id: int, *, now=None) -> str | None:
         payload = {"deadline": locked.deadline.isoformat(), "on_expiry": on_expiry}
         if on_expiry == "approve":
             transitions.approve_on_expiry(locked, payload=payload, now=now)
-            run_resume(run_id=locked.run_id, note="Approved on expiry of its deadline.")
+            resume_within_transaction(
+                run_id=locked.run_id, note="Approved on expiry of its deadline."
+            )
             return "approved"
         if on_expiry == "escalate":
             team = obligations.get("escalation_team") or locked.team
@@ -117,9 +119,11 @@ def request_expire(request_id: int, *, now=None) -> str | None:
                 **locked.ledger_refs(),
             )
             with suppress(RunError):  # a run already final: its request still closes
-                run_halt(run=locked.run_id, by=DEADLINE, reason=reason)
+                halt_within_transaction(run_id=locked.run_id, by=DEADLINE, reason=reason)
             transitions.halt_run(locked.run_id, by=DEADLINE, reason=reason)
             return "halted"
         transitions.expire(locked, reason=EXPIRED_REASON, payload=payload, now=now)
-        run_resume(run_id=locked.run_id, note="An approval request expired without a decision.")
+        resume_within_transaction(
+            run_id=locked.run_id, note="An approval request expired without a decision."
+        )
         return "expired"

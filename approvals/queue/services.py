@@ -25,7 +25,11 @@ from approvals.queue.models import GRANTED, ApprovalRequest, RequestStatus
 from orchestration.canonical import canonical_args
 from orchestration.registry.declare import get_tool
 from orchestration.runs.models import Run
-from orchestration.runs.services import RunError, run_halt, run_resume
+from orchestration.runs.services import (
+    RunError,
+    halt_within_transaction,
+    resume_within_transaction,
+)
 
 VERDICTS = {"approve", "edit", "reject", "halt", "answer"}
 SIMILAR_SCOPES = {"run", "hour"}
@@ -119,10 +123,12 @@ def approval_decide(
         else:
             transitions.halt_decision(locked, reason=comment, **decided)
             with suppress(RunError):  # a run already final: its requests still close
-                run_halt(run=locked.run_id, by=reviewer, reason=comment)
+                halt_within_transaction(run_id=locked.run_id, by=reviewer, reason=comment)
             transitions.halt_run(locked.run_id, by=reviewer, reason=comment)
         if locked.status in {*GRANTED, RequestStatus.REJECTED}:
-            run_resume(run_id=locked.run_id, note=f"{locked.decided_by} decided: {verdict}")
+            resume_within_transaction(
+                run_id=locked.run_id, note=f"{locked.decided_by} decided: {verdict}"
+            )
     locked.refresh_from_db()
     return locked
 

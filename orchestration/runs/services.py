@@ -97,15 +97,30 @@ def _missing_agent(name: str):
     raise RunError(f"No agent named {name!r}.")
 
 
+def _within_transaction() -> None:
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("This runs inside the caller's transaction.")
+
+
 def run_halt(*, run: Run | int, by, reason: str) -> Run:
-    """Halt a run: once this commits no step starts; open waits are cancelled through the gate,
-    and so are the run's children."""
+    """Halt a run, in a transaction of its own (an entry point: a view, a command). Once it
+    commits no step starts; open waits are cancelled through the gate, and so are the run's
+    children."""
+    run_id = run if isinstance(run, int) else run.pk
+    with transaction.atomic(durable=True):
+        halt_within_transaction(run_id=run_id, by=by, reason=reason)
+    return Run.objects.get(pk=run_id)
+
+
+def halt_within_transaction(*, run_id: int, by, reason: str) -> None:
+    """``run_halt`` inside the caller's transaction, whose commit it becomes part of (a
+    reviewer's decision that halts the run with its request). Locks the run first."""
+    _within_transaction()
     reason = (reason or "").strip()
     if not reason:
         raise RunError("A reason is required to halt a run.")
-    run_id = run if isinstance(run, int) else run.pk
     label = by.get_username() if hasattr(by, "get_username") else str(by)
-    with transaction.atomic():
+    with transaction.atomic():  # a savepoint: a refusal leaves the caller's transaction whole
         locked = Run.objects.select_for_update().get(pk=run_id)
         if locked.status in FINAL:
             raise RunError(f"Run {run_id} is already {locked.status}.")
@@ -145,15 +160,16 @@ def run_halt(*, run: Run | int, by, reason: str) -> Run:
             .exclude(status__in=FINAL)
             .values_list("pk", flat=True)
         ):
-            run_halt(run=child_id, by=by, reason=f"parent run {run_id} halted: {reason}")
+            halt_within_transaction(
+                run_id=child_id, by=by, reason=f"parent run {run_id} halted: {reason}"
+            )
         transaction.on_commit(lambda: broadcast_run(run_id))
-    return Run.objects.get(pk=run_id)
 
 
 def run_retry(*, run: Run | int, by) -> Run:
     """Retry a failed run from its failed step, keeping its history (steps and events)."""
     run_id = run if isinstance(run, int) else run.pk
-    with transaction.atomic():
+    with transaction.atomic(durable=True):
         locked = Run.objects.select_for_update().get(pk=run_id)
         if locked.status != RunStatus.FAILED:
             raise RunError(f"Only failed runs can be retried; run {run_id} is {locked.status}.")
@@ -190,14 +206,22 @@ def run_retry(*, run: Run | int, by) -> Run:
 
 
 def run_resume(*, run_id: int, note: str = "") -> None:
-    """Something the run waits for has happened (a decision, an answer): advance it now.
+    """Something the run waits for has happened: advance it now, in a transaction of its own
+    (an entry point)."""
+    with transaction.atomic(durable=True):
+        resume_within_transaction(run_id=run_id, note=note)
+
+
+def resume_within_transaction(*, run_id: int, note: str = "") -> None:
+    """``run_resume`` inside the caller's transaction (a decision, an answer, an expiry): the
+    worker is told once that commits.
 
     The run is also marked due (``wake_at``): a worker that still holds its lease, about to
     suspend it, sees the mark and enqueues it again, and beat's sweep catches it should that
     message be lost; otherwise the decision could land between a worker opening the request
     and suspending the run, and nothing would wake it."""
-    with transaction.atomic():
-        Run.objects.filter(pk=run_id).exclude(status__in=FINAL).update(wake_at=timezone.now())
-        if note:
-            Event.objects.create(run_id=run_id, kind="run.resumed", message=note)
-        enqueue_on_commit(run_id)
+    _within_transaction()
+    Run.objects.filter(pk=run_id).exclude(status__in=FINAL).update(wake_at=timezone.now())
+    if note:
+        Event.objects.create(run_id=run_id, kind="run.resumed", message=note)
+    enqueue_on_commit(run_id)
