@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import jsonschema
 from django.db import connection
@@ -273,16 +273,22 @@ class Context:
         if cut_short < CUT_SHORT_LIMIT:
             return
         message = f"{step.name} was cut short {cut_short} times (crashes or database outages)"
+        self._fail(step, StepFailed(message))
+
+    def _fail(self, step: Step, error: Exception, **fields) -> NoReturn:
+        """Record the step failed, saying ``error`` (its text, its type), and raise ``error``
+        into the workflow. ``fields`` go to ``step_finish`` (a message of its own, an event
+        kind, the verdict...)."""
         step_finish(
             step,
             outbox=self.outbox,
             status=StepStatus.FAILED,
-            error=message,
-            error_type="StepFailed",
-            message=message,
+            error=str(error),
+            error_type=type(error).__name__,
+            **{"message": str(error), **fields},
         )
         self._account(0, 0)
-        raise StepFailed(message)
+        raise error
 
     def _account(self, tokens: int, cost: float) -> None:
         self._tokens += tokens
@@ -343,18 +349,13 @@ class Context:
                 event_kind=f"{step.kind}.retrying",
             )
             raise Suspend(f"retrying {step.name}", wake_at=retry_at)
-        step_finish(
+        self._fail(
             step,
-            outbox=self.outbox,
-            status=StepStatus.FAILED,
-            error=message,
-            error_type="StepFailed",
+            StepFailed(message, error_type=type(error).__name__),
             latency_ms=latency,
             verdict=verdict,
             message=f"{step.name} failed after {step.failures + 1} attempt(s): {message}",
         )
-        self._account(0, 0)
-        raise StepFailed(message, error_type=type(error).__name__)
 
     def _wait_for_retry(self, step: Step | None) -> None:
         due = step.next_attempt_at if step is not None else None
@@ -446,18 +447,13 @@ class Context:
             )
             self._account(0, 0)
             return bool(passed)
-        step_finish(
+        self._fail(
             started,
-            outbox=self.outbox,
-            status=StepStatus.FAILED,
+            CheckFailed(f"check {name!r} failed: {detail}".strip(": ")),
             output=output,
-            error=f"check {name!r} failed: {detail}".strip(": "),
-            error_type="CheckFailed",
             message=f"Check {name!r} failed. {detail}".strip(),
             event_kind="check.failed",
         )
-        self._account(0, 0)
-        raise CheckFailed(f"check {name!r} failed: {detail}".strip(": "))
 
     @_interruptible
     def retrieve(self, query: str, *, k: int = 3, source: str | None = None) -> list[dict]:
@@ -774,17 +770,7 @@ class Context:
             self.labels.update(labels)
             return child.result
         error = f"child run {child.pk} {child.status}: {child.error or child.halt_reason}"
-        step_finish(
-            step,
-            outbox=self.outbox,
-            status=StepStatus.FAILED,
-            error=error,
-            error_type="StepFailed",
-            message=error,
-            event_kind="handoff.failed",
-        )
-        self._account(0, 0)
-        raise StepFailed(error)
+        self._fail(step, StepFailed(error), event_kind="handoff.failed")
 
     @_interruptible
     def agent(
@@ -870,19 +856,14 @@ class Context:
             return ToolUnavailable(f"tool {name} is not available to this run")
         return None
 
-    def _refuse(self, step: Step, error: Exception, verdict: dict | None = None):
-        step_finish(
+    def _refuse(self, step: Step, error: Exception, verdict: dict | None = None) -> NoReturn:
+        self._fail(
             step,
-            outbox=self.outbox,
-            status=StepStatus.FAILED,
-            error=str(error),
-            error_type=type(error).__name__,
+            error,
             verdict=verdict,
             message=f"{step.name}: {error}",
             event_kind=f"tool.{type(error).__name__}",
         )
-        self._account(0, 0)
-        raise error
 
     def _count_call(self, name: str, args: dict, *, replayed: bool) -> None:
         key = name + ":" + sha256_hex(canonical_json(args))

@@ -8,9 +8,7 @@ import signal
 import threading
 import time
 from contextlib import suppress
-from datetime import timedelta
 
-import psycopg
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -22,24 +20,13 @@ from orchestration.runs.models import Run, Step
 from orchestration.runs.services import run_halt, run_start
 from orchestration.tasks import sweep_runs
 from tests.orchestration.engine.outages import workflows
+from tests.orchestration.engine.outages.helpers import admin_connection, describe, expire_lease
 from tests.orchestration.engine.outages.workflows import CALLS, JOURNAL, OUTAGE, PLANS, Died
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def admin_connection(dbname: str | None = None) -> psycopg.Connection:
-    db = connection.settings_dict
-    return psycopg.connect(
-        dbname=dbname or db["NAME"],
-        user=db["USER"] or None,
-        password=db["PASSWORD"] or None,
-        host=db["HOST"] or None,
-        port=db["PORT"] or None,
-        autocommit=True,
-    )
 
 
 def terminate(pids: list[int] | None = None) -> None:
@@ -53,10 +40,6 @@ def terminate(pids: list[int] | None = None) -> None:
             admin.execute(query).fetchall()
         else:
             admin.execute(query + " AND pid = ANY(%s)", [pids]).fetchall()
-
-
-def expire_lease(run_id: int) -> None:
-    Run.objects.filter(pk=run_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
 
 
 def make_due(run_id: int) -> None:
@@ -88,16 +71,6 @@ def advance_until_settled(run_id: int, *, rounds: int) -> list[str]:
 
 def effects(label: str) -> int:
     return InfraChange.objects.filter(target=label).count()
-
-
-def describe(run_id: int) -> str:
-    run = Run.objects.get(pk=run_id)
-    rows = [
-        (s.seq, s.name, s.status, s.attempt, s.failures, s.error[:80])
-        for s in run.step_set.order_by("seq")
-    ]
-    kinds = list(run.events.order_by("id").values_list("kind", flat=True))
-    return f"run {run.status} error={run.error!r} steps={rows} events={kinds}"
 
 
 # --- 1. an OperationalError that is not an outage --------------------------------------------

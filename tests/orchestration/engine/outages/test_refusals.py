@@ -5,11 +5,9 @@ an upgrade across the retry counter's migrations. Each was a break a red-team re
 import threading
 import time
 from contextlib import suppress
-from datetime import timedelta
 
-import psycopg
 import pytest
-from django.db import InterfaceError, connection, models
+from django.db import InterfaceError, connection
 from django.db.backends.signals import connection_created
 from django.utils import timezone
 
@@ -18,9 +16,10 @@ from orchestration.engine.context import CUT_SHORT_LIMIT
 from orchestration.engine.errors import LeaseLost
 from orchestration.engine.runner import run_advance
 from orchestration.gate import Verdict
-from orchestration.runs.models import Run, Step
+from orchestration.runs.models import Run
 from orchestration.runs.services import run_resume, run_start
 from orchestration.tasks import sweep_runs
+from tests.orchestration.engine.outages.helpers import admin_connection, describe, expire_lease
 from tests.orchestration.engine.outages.refusals import CALLS, SWALLOWED
 from tests.orchestration.engine.outages.workflows import JOURNAL, RELEASE, Died
 
@@ -28,22 +27,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def admin_connection(dbname: str | None = None) -> psycopg.Connection:
-    db = connection.settings_dict
-    return psycopg.connect(
-        dbname=dbname or db["NAME"],
-        user=db["USER"] or None,
-        password=db["PASSWORD"] or None,
-        host=db["HOST"] or None,
-        port=db["PORT"] or None,
-        autocommit=True,
-    )
-
-
-def expire_lease(run_id: int) -> None:
-    Run.objects.filter(pk=run_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
 
 
 def advance(run_id: int, *, rounds: int) -> list[str]:
@@ -69,24 +52,14 @@ def advance(run_id: int, *, rounds: int) -> list[str]:
     return outcomes
 
 
-def describe(run_id: int) -> str:
-    run = Run.objects.get(pk=run_id)
-    rows = [
-        (s.seq, s.name, s.status, s.attempt, getattr(s, "failures", None), s.error[:70])
-        for s in run.step_set.order_by("seq")
-    ]
-    kinds = list(run.events.order_by("id").values_list("kind", flat=True))
-    return f"run {run.status} error={run.error[:160]!r} steps={rows} events={kinds}"
-
-
 # --- 1. is_outage: a deterministic refusal in an "outage" SQLSTATE class ---------------------
 
 
 @pytest.mark.postgres
 def test_a_query_over_temp_file_limit_is_the_step_s_bounded_failure_not_an_endless_outage(gate):
     """SQLSTATE 53400 (temp_file_limit exceeded) is refused every time, like a statement
-    timeout, but its class 53 is in OUTAGE_SQLSTATES: the slice is 'interrupted', the run is due
-    again in 2 s, and the report re-executes forever; the tool policy's 3 attempts never apply."""
+    timeout: the tool's own failure, bounded by its retry policy, never an outage that
+    re-executes the report forever."""
     run = run_start(workflow="refusal.one", input={"tool": "refusal.big_report", "label": "spill"})
     outcomes = advance(run.pk, rounds=8)
     run = Run.objects.get(pk=run.pk)
@@ -122,11 +95,10 @@ def test_a_lock_wait_at_the_fence_of_an_approved_action_does_not_fail_or_skip_it
     gate, lock_timeout, how, workflow
 ):
     """A reviewer approves; as the worker fences before executing, another session holds the
-    run's row for a moment (a decision's transaction, a DBA's UPDATE). lock_timeout (55P03) or
-    an operator's cancel (57014) ends the wait. is_outage calls it a refusal, not an outage
-    (its own docstring counts 'a lock held by another writer' as an outage): the error reaches
-    the workflow, the run fails, and the approved action never executes; a workflow that
-    catches Exception completes without it (the approved action silently skipped)."""
+    run's row for a moment (a decision's transaction, a DBA's UPDATE), and lock_timeout (55P03)
+    or an operator's cancel (57014) ends the wait. The engine's own bookkeeping failed: the
+    slice is interrupted, and the approved action executes later. Neither a failed run nor,
+    in a workflow that catches Exception, a silently skipped action."""
     gate.verdicts["refusal.effect"] = Verdict("pending")
     run = run_start(workflow=workflow, input={"label": how})
     assert run_advance(run.pk) == "waiting"
@@ -195,11 +167,10 @@ def test_a_lock_wait_at_the_fence_of_an_approved_action_does_not_fail_or_skip_it
 @pytest.mark.postgres
 def test_except_exception_cannot_swallow_a_connection_the_server_ended_for_idling(gate):
     """PostgreSQL 14+ ends a session idle longer than idle_session_timeout with SQLSTATE 57P05,
-    exactly as a restart ends it with 57P01. The worker's connection idles while a tool runs on
-    the helper thread; the next step's start meets the ended session. 57P05 is not in
-    OUTAGE_SQLSTATES, so the workflow's `except Exception` takes the engine's dropped
-    connection for the tool's failure and carries on without it: Django drops the connection
-    when the step's rollback fails, _finish reconnects, and the run completes without step 2."""
+    as a restart ends it with 57P01. The worker's connection idles while a tool runs on the
+    helper thread; the next step's start meets the ended session. The workflow's `except
+    Exception` must not take that for the tool's failure: the slice is interrupted and step 2
+    still executes."""
     run = run_start(workflow="refusal.swallows", input={"label": "idle", "seconds": 1.0})
     with connection.cursor() as cursor:
         cursor.execute("SET idle_session_timeout = '300ms'")
@@ -256,12 +227,10 @@ def _b_overlaps_a(run_id: int, prepare) -> tuple[list, list, list]:
 def test_an_error_raised_in_the_keeper_s_tick_never_lets_a_step_run_twice_at_once(
     gate, settings, stops, worker_processes, monkeypatch, fault
 ):
-    """call_with_timeout calls keeper.tick() inside its `except FutureTimeout:` clause, so an
-    exception raised there skips the abandonment path: the call keeps running on the helper
-    thread while the runner releases the lease (interrupted) or records a retry and gives the
-    lease back. Two triggers: a renewal failing with django.db.InterfaceError (which the engine
-    counts as an outage everywhere else, but LeaseKeeper._settle catches only DatabaseError),
-    and a Celery soft time limit landing while the waiting thread is in tick()."""
+    """Anything raised while the waiting thread is in keeper.tick() (a renewal failing with
+    django.db.InterfaceError, a Celery soft time limit landing there) abandons the call like a
+    timeout: the lease is kept until the call ended, so another worker never runs the step
+    beside it."""
     from billiard.exceptions import SoftTimeLimitExceeded
 
     settings.BATON_LEASE_SECONDS = 1
@@ -303,13 +272,12 @@ def test_an_error_raised_in_the_keeper_s_tick_never_lets_a_step_run_twice_at_onc
     )
 
 
-# --- 5. the LeaseKeeper: a slow renewal makes the waiting thread spin ---------------------------
+# --- 5. the LeaseKeeper: a slow renewal does not make the waiting thread spin -------------------
 
 
 def test_a_slow_renewal_does_not_make_the_waiting_thread_busy_wait(gate, settings, monkeypatch):
-    """While a renewal is in flight past its due time, LeaseKeeper.wait() returns 0 (the due time
-    stays _sent_at + every), so call_with_timeout polls future.result(timeout=0) and tick() in a
-    tight loop until the renewal returns: a CPU-bound spin holding the GIL beside the tool."""
+    """While a renewal is in flight past its due time, the waiting thread polls for its answer
+    every 50 ms; it never spins in a tight loop holding the interpreter beside the tool."""
     settings.BATON_LEASE_SECONDS = 8  # renewals every 2 s; stop at 7 s without one
     original = steps.lease_expiry
 
@@ -344,10 +312,9 @@ def test_a_slow_renewal_does_not_make_the_waiting_thread_busy_wait(gate, setting
 
 
 def test_a_step_that_kills_its_worker_every_time_is_not_retried_forever(gate):
-    """The retry policy is consulted only in _fail_attempt, after a call raised in a live
-    process. A call that kills its worker (OOM, segfault, SIGKILL) is never recorded: attempt
-    grows, failures stays 0, and the step re-executes after every lease expiry, forever (also
-    before a799135)."""
+    """A call that kills its worker (OOM, segfault, SIGKILL) never records a failure, so the
+    retry policy never sees it: the step fails once CUT_SHORT_LIMIT attempts were cut short,
+    instead of re-executing after every lease expiry forever."""
     run = run_start(workflow="refusal.one", input={"tool": "refusal.crash", "label": "poison"})
     outcomes = advance(run.pk, rounds=CUT_SHORT_LIMIT + 2)
     run = Run.objects.get(pk=run.pk)
@@ -358,15 +325,14 @@ def test_a_step_that_kills_its_worker_every_time_is_not_retried_forever(gate):
     assert f"cut short {CUT_SHORT_LIMIT} times" in run.error
 
 
-# --- 7. the outbox cleared on commit, applied twice in one transaction --------------------------
+# --- 7. ctx calls inside the workflow's own transaction -----------------------------------------
 
 
 def test_workflow_steps_inside_the_workflow_s_own_transaction_are_applied_once(gate):
-    """Workflow code wraps three steps in transaction.atomic() (its own writes with them). The
-    outbox now leaves only on commit, and the outer transaction has not committed: the third
-    step's start applies step 1's finish a second time, finds it no longer open, and raises
-    LeaseLost; the run returns 'stopped' holding its lease, and every later slice re-executes
-    the steps and stops again."""
+    """Workflow code wraps three steps in transaction.atomic() (its own writes with them). Their
+    records would commit (or roll back) with the workflow's transaction, and the outbox would
+    apply a finish twice before it commits: the run fails at once, saying why, and no tool
+    executes, instead of re-executing the steps slice after slice."""
     run = run_start(workflow="refusal.atomic", input={"label": "tx", "count": 3})
     outcomes = advance(run.pk, rounds=5)
     run = Run.objects.get(pk=run.pk)
@@ -377,11 +343,9 @@ def test_workflow_steps_inside_the_workflow_s_own_transaction_are_applied_once(g
 
 
 def test_a_refusal_in_the_workflow_s_own_transaction_fails_the_run_once(gate):
-    """A step started inside the workflow's transaction, then the workflow's own write is
-    refused (ValueError) and the transaction rolls back, the step's row with it. _finish applies
-    the outbox's finish of that vanished step: LeaseLost, which _finish does not catch, escapes
-    run_advance (the Celery task); the lease stays, and after it expires the step re-executes,
-    forever."""
+    """A step inside the workflow's transaction whose own write is then refused would roll the
+    step's row back with it, leaving a finish for a vanished step: the run fails at once,
+    saying why, before the tool executes."""
     run = run_start(workflow="refusal.atomic_refused", input={"label": "vanished"})
     outcomes = advance(run.pk, rounds=5)
     run = Run.objects.get(pk=run.pk)
@@ -391,47 +355,22 @@ def test_a_refusal_in_the_workflow_s_own_transaction_fails_the_run_once(gate):
     assert "inside a transaction the workflow opened" in run.error
 
 
-# --- 8. the migration history: 0012_step_interruptions rewritten after it shipped --------------
+# --- 8. an upgrade across the retry counter's migrations ----------------------------------------
 
 
 @pytest.fixture
-def migrated_at_827235c():
-    """A database migrated at 827235c, then upgraded. At 827235c the last migration was
-    0012_step_interruptions (an `interruptions` column, NOT NULL without a database default,
-    which is what AddField leaves). a799135 deleted that file and added 0012_step_failures: the
-    recorded migration is then unknown and `migrate` leaves the column in place. If the tree
-    has 0012_step_interruptions again, the real migrations are used instead."""
+def migrated_to_0012():
+    """A database on 0012_step_interruptions (an `interruptions` column, NOT NULL without a
+    database default, which is what AddField leaves), then upgraded to the latest."""
     from django.core.management import call_command
-    from django.db.migrations.loader import MigrationLoader
-    from django.db.migrations.recorder import MigrationRecorder
 
-    old = ("orchestration", "0012_step_interruptions")
-    on_disk = old in MigrationLoader(connection).disk_migrations
-    field = models.PositiveIntegerField(default=0)
-    field.set_attributes_from_name("interruptions")
-    call_command("migrate", "orchestration", "0011_ledger_linked_appends", verbosity=0)
-    if on_disk:
-        call_command("migrate", *old, verbosity=0)
-    else:
-        with connection.schema_editor() as editor:
-            editor.add_field(Step, field)
-        MigrationRecorder(connection).record_applied(*old)
+    call_command("migrate", "orchestration", "0012_step_interruptions", verbosity=0)
     call_command("migrate", "orchestration", verbosity=0)  # the upgrade
     yield
-    with connection.cursor() as cursor:
-        columns = [
-            c.name
-            for c in connection.introspection.get_table_description(cursor, "orchestration_step")
-        ]
-    if "interruptions" in columns:
-        with connection.schema_editor() as editor:
-            editor.remove_field(Step, field)
-    if not on_disk:
-        MigrationRecorder.Migration.objects.filter(app=old[0], name=old[1]).delete()
 
 
 @pytest.mark.postgres
-def test_a_database_migrated_before_the_rename_still_records_steps(gate, migrated_at_827235c):
+def test_a_database_migrated_before_the_rename_still_records_steps(gate, migrated_to_0012):
     run = run_start(workflow="refusal.one", input={"label": "upgraded"})
     outcomes = advance(run.pk, rounds=4)
     run = Run.objects.get(pk=run.pk)
